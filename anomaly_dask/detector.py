@@ -1,0 +1,400 @@
+"""``AnomalyDetector``: the seed's API on top of the Dask pipeline."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from importlib.metadata import version as _pkg_version
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from . import pipeline
+from .backbones import build_backbone, resolve_weights
+from .dictionary import Dictionary, threshold_from_scores
+from .errors import ImageReadError, NotFittedError, ParameterError
+from .features import FeatureConfig
+from .grid import TileGrid
+from .model_file import read_model, write_model
+from .outputs import display_rgb, mask_image, overlay_image, write_png
+from .params import DEFAULTS, saved_params, validate
+from .sources import ImageSource, Intensity, fit_intensity, list_images, open_source, to_unit_rgb
+
+__all__ = ["AnomalyDetector"]
+
+log = logging.getLogger("anomaly_dask")
+
+#: Backbone context (network pixels) added around each window's tiles in dense mode.
+CONTEXT = {"resnet18": 96, "efficientnet_lite0": 96}
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    log.setLevel(level)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+
+
+class AnomalyDetector:
+    """Find visual anomalies with a dictionary of normal CNN tile features (Napoletano 2018).
+
+    All arguments are keyword-only; see :data:`anomaly_dask.params.DEFAULTS` and the README
+    for each one. The seed's arguments keep their meaning. Learned state ends in ``_``.
+
+    Examples
+    --------
+    >>> ad = AnomalyDetector().train("example_dataset/train", "example_dataset/val")
+    >>> ad.save("model.safetensors")
+    >>> AnomalyDetector.load("model.safetensors").test("example_dataset/test", "out")
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(DEFAULTS))
+        if unknown:
+            raise ParameterError(f"unknown argument(s) {unknown}; valid ones are {sorted(DEFAULTS)}")
+        self._kwargs = dict(kwargs)
+        for k, v in {**DEFAULTS, **kwargs}.items():
+            setattr(self, k, v)
+
+    # ------------------------------------------------------------------ helpers
+    def get_params(self) -> dict[str, Any]:
+        """All keyword arguments as currently set."""
+        return {k: getattr(self, k) for k in DEFAULTS}
+
+    def _settings(self) -> dict[str, Any]:
+        s = validate(self.get_params())
+        _setup_logging(s["verbose"])
+        return s
+
+    def _grid(self, source: ImageSource, s: dict[str, Any]) -> TileGrid:
+        th, tw = s["tile_height"], s["tile_width"]
+        if source.height < th or source.width < tw:
+            raise ImageReadError(
+                f"{source.name}: image is {source.height}x{source.width} px, smaller than one "
+                f"tile ({th}x{tw}); use a larger image or a smaller tile="
+            )
+        return TileGrid(source.height, source.width, th, tw, s["stride_height"], s["stride_width"])
+
+    def _open(self, image: Any, s: dict[str, Any]) -> tuple[ImageSource, TileGrid]:
+        source = open_source(image, s["storage_options"])
+        return source, self._grid(source, s)
+
+    def _check_fitted(self) -> None:
+        if getattr(self, "dictionary_", None) is None:
+            raise NotFittedError("this AnomalyDetector is not trained: call train() or load() first")
+
+    def _feature_config(self, s: dict[str, Any]) -> FeatureConfig:
+        return FeatureConfig(
+            mode=s["features"],
+            upsample=s["upsample"],
+            patch_size=s["patch_size"],
+            batch_size=s["cnn_batchsize"],
+            context=CONTEXT.get(s["backbone"], 96),
+        )
+
+    def _device(self, s: dict[str, Any]) -> str:
+        import torch
+
+        dev = s["device"]
+        if dev in (None, "auto"):
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return str(dev)
+
+    def _extractor(self, s: dict[str, Any]) -> pipeline.Extractor:
+        return pipeline.Extractor(
+            self.backbone_.to(self._device(s)), self._feature_config(s), self.intensity_
+        )
+
+    # ------------------------------------------------------------------ training
+    def _split(
+        self, train: Any, val: Any, s: dict[str, Any], rng: np.random.Generator
+    ) -> tuple[list[pipeline.Unit], list[pipeline.Unit], list[ImageSource]]:
+        train_files = list_images(train, s["storage_options"])
+        sources = [self._open(f, s) for f in train_files]
+        chunk = s["chunk_size"]
+        if val is not None:
+            val_sources = [self._open(f, s) for f in list_images(val, s["storage_options"])]
+            return (
+                [u for src, g in sources for u in pipeline.plan_units(src, g, chunk)],
+                [u for src, g in val_sources for u in pipeline.plan_units(src, g, chunk)],
+                [src for src, _ in sources],
+            )
+        if len(sources) >= 2:
+            n_val = min(len(sources) - 1, max(1, round(s["val_fraction"] * len(sources))))
+            perm = rng.permutation(len(sources))
+            val_idx = set(perm[:n_val].tolist())
+            log.info("no validation images given: %d of %d training images used for validation", n_val, len(sources))
+            tr = [u for i, (src, g) in enumerate(sources) if i not in val_idx for u in pipeline.plan_units(src, g, chunk)]
+            va = [u for i, (src, g) in enumerate(sources) if i in val_idx for u in pipeline.plan_units(src, g, chunk)]
+            return tr, va, [src for src, _ in sources]
+        # One image, no validation: split it by regions.
+        src, g = sources[0]
+        small = min(chunk, max(4 * max(g.tile_h, g.tile_w), min(src.height, src.width) // 4))
+        units = pipeline.plan_units(src, g, small)
+        if len(units) < 2:
+            raise ImageReadError(
+                f"{src.name}: a single image of {src.height}x{src.width} px is too small to split "
+                f"into training and validation regions; pass val= or more training images"
+            )
+        n_val = min(len(units) - 1, max(1, round(s["val_fraction"] * len(units))))
+        perm = rng.permutation(len(units))
+        log.info("one training image, no validation: %d of its %d regions used for validation", n_val, len(units))
+        return [units[i] for i in perm[n_val:]], [units[i] for i in perm[:n_val]], [src]
+
+    def _fit_intensity(self, sources: list[ImageSource], rng: np.random.Generator) -> Intensity:
+        samples = []
+        if not all(np.dtype(src.dtype) == np.uint8 for src in sources):
+            for src in sources:
+                h, w = min(src.height, 512), min(src.width, 512)
+                for _ in range(4):
+                    y = int(rng.integers(0, src.height - h + 1))
+                    x = int(rng.integers(0, src.width - w + 1))
+                    samples.append(src.read(y, y + h, x, x + w)[::4, ::4])
+        return fit_intensity(sources, samples)
+
+    def train(self, train: Any, val: Any = None) -> AnomalyDetector:
+        """Learn normal appearance from anomaly-free images.
+
+        Parameters
+        ----------
+        train : str
+            Folder (searched recursively) or single image file, local path or fsspec URL.
+        val : str, optional
+            Validation images for the threshold. Without it, training images are split at
+            random (``val_fraction``); a single training image is split by regions.
+
+        Returns
+        -------
+        AnomalyDetector
+            ``self``, trained.
+        """
+        s = self._settings()
+        t0 = time.perf_counter()
+        seed = s["random_state"]
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2**31))
+        rng = np.random.default_rng(seed)
+        train_units, val_units, train_sources = self._split(train, val, s, rng)
+        self.intensity_ = self._fit_intensity(train_sources, rng)
+        weights_id, state = resolve_weights(s["backbone"], s["weights"])
+        self.backbone_ = build_backbone(
+            s["backbone"], state, tuple(s["layers"]) if s["layers"] else None, seed=seed,
+            dense_only=s["features"] == "dense",
+        )
+        self.weights_id_ = weights_id
+        self.random_state_ = seed
+        log.info(
+            "training on %d chunks (%d validation chunks), backbone %s (%s), %s features",
+            len(train_units), len(val_units), s["backbone"], weights_id, s["features"],
+        )
+        with pipeline.local_client(s["client"]) as client:
+            extractor = client.scatter(self._extractor(s), broadcast=False)
+            dictionary = pipeline.train_dictionary(
+                client, extractor, train_units,
+                pca_variance=s["pca_variance"], n_clusters=s["kmeans_clusters"],
+                n_init=s["kmeans_trials"], max_fit_tiles=s["max_fit_tiles"], random_state=seed,
+            )
+            dict_future = client.scatter(dictionary, broadcast=False)
+            scores = pipeline.validation_scores(
+                client, extractor, dict_future, val_units, s["kmeans_neighbors"],
+                s["max_fit_tiles"], seed,
+            )
+        self.dictionary_ = dictionary
+        self.threshold_ = threshold_from_scores(
+            scores, s["threshold_mode"], s["cdf"], s["zscore"], s["threshold"]
+        )
+        self.validation_scores_summary_ = {
+            "count": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()),
+            "max": float(scores.max()),
+        }
+        self.n_components_ = int(dictionary.pca_components.shape[0])
+        self.fingerprint_ = None
+        log.info(
+            "trained in %.1f s: %d PCA components, %d centroids, threshold %.4f (%s)",
+            time.perf_counter() - t0, self.n_components_, len(dictionary.centroids),
+            self.threshold_, s["threshold_mode"],
+        )
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def score_array(self, image: Any, client: Any = None) -> Any:
+        """Lazy pixel scores of one image as a dask array (chunked like the processing).
+
+        ``client`` must be the client that will compute the array, if the array is to be
+        computed on a distributed cluster (the model is scattered to it once).
+        """
+        self._check_fitted()
+        s = self._settings()
+        source, grid = self._open(image, s)
+        extractor: Any = self._extractor(s)
+        dictionary: Any = self.dictionary_
+        if client is not None:
+            extractor = client.scatter(extractor, broadcast=False)
+            dictionary = client.scatter(dictionary, broadcast=False)
+        return pipeline.score_array(
+            extractor, dictionary, source, grid, s["chunk_size"], s["kmeans_neighbors"]
+        )
+
+    def score_image(self, image: Any) -> np.ndarray:
+        """Per-pixel anomaly scores of one image.
+
+        Parameters
+        ----------
+        image : str or ndarray
+            Image path/URL, or an array (H, W) or (H, W, C).
+
+        Returns
+        -------
+        ndarray of float32, shape (H, W)
+            Higher is more anomalous; same units as ``threshold_``.
+        """
+        s = self._settings()
+        with pipeline.local_client(s["client"]) as client:
+            return client.compute(self.score_array(image, client)).result()
+
+    def test(self, test: Any, output_dir: str) -> list[dict[str, Any]]:
+        """Score images and write ``<stem>_mask.png`` and ``<stem>_overlay.png`` for each.
+
+        Parameters
+        ----------
+        test : str
+            Folder (searched recursively) or one image file.
+        output_dir : str
+            Local folder or fsspec URL; created if missing.
+
+        Returns
+        -------
+        list of dict
+            Per image: ``path``, ``height``, ``width``, ``anomalous_pixels``,
+            ``anomalous_fraction``, ``max_score``, ``mask_path``, ``overlay_path``.
+        """
+        self._check_fitted()
+        s = self._settings()
+        files = list_images(test, s["storage_options"])
+        opened = [(f, *self._open(f, s)) for f in files]  # fail on a bad file before writing
+        fs, out_path = fsspec.core.url_to_fs(str(output_dir), **(s["storage_options"] or {}))
+        fs.makedirs(out_path, exist_ok=True)
+        sep = "" if str(output_dir).endswith("/") else "/"
+        results = []
+        with pipeline.local_client(s["client"]) as client:
+            extractor = client.scatter(self._extractor(s), broadcast=False)
+            dictionary = client.scatter(self.dictionary_, broadcast=False)
+            for f, source, grid in opened:
+                t0 = time.perf_counter()
+                arr = pipeline.score_array(
+                    extractor, dictionary, source, grid, s["chunk_size"], s["kmeans_neighbors"]
+                )
+                scores = client.compute(arr).result()
+                mask = mask_image(scores, self.threshold_)
+                rgb = display_rgb(to_unit_rgb(source.read(0, source.height, 0, source.width), self.intensity_))
+                overlay = overlay_image(rgb, mask, s["overlay_color"], s["overlay_opacity"])
+                stem = os.path.splitext(os.path.basename(str(f)))[0]
+                mask_path = f"{output_dir}{sep}{stem}_mask.png"
+                overlay_path = f"{output_dir}{sep}{stem}_overlay.png"
+                write_png(mask_path, mask, s["storage_options"])
+                write_png(overlay_path, overlay, s["storage_options"])
+                n_bad = int((mask > 0).sum())
+                results.append({
+                    "path": str(f), "height": source.height, "width": source.width,
+                    "anomalous_pixels": n_bad, "anomalous_fraction": n_bad / mask.size,
+                    "max_score": float(scores.max()), "mask_path": mask_path,
+                    "overlay_path": overlay_path,
+                })
+                log.info(
+                    "%s: %d anomalous pixels (%.2f%%), max score %.3f, %.1f s",
+                    f, n_bad, 100 * n_bad / mask.size, scores.max(), time.perf_counter() - t0,
+                )
+        return results
+
+    # ------------------------------------------------------------------ persistence
+    def _config(self) -> dict[str, Any]:
+        import torch
+
+        s = self._settings()
+        return {
+            "params": saved_params(s),
+            "threshold": self.threshold_,
+            "intensity": {"low": self.intensity_.low, "high": self.intensity_.high, "gray": self.intensity_.gray},
+            "backbone": {"name": s["backbone"], "weights_id": self.weights_id_, "layers": list(self.backbone_.dense_stages)},
+            "random_state": self.random_state_,
+            "versions": {"anomaly_dask": _pkg_version("anomaly_dask") if _has_dist() else "dev", "torch": torch.__version__},
+        }
+
+    def save(self, path: str, storage_options: dict[str, Any] | None = None) -> str:
+        """Write the trained model to one self-contained safetensors file.
+
+        Parameters
+        ----------
+        path : str
+            Local path or fsspec URL (``.safetensors`` recommended).
+        storage_options : dict, optional
+            fsspec options (defaults to the detector's ``storage_options``).
+
+        Returns
+        -------
+        str
+            The model's fingerprint (sha256 of its content).
+        """
+        self._check_fitted()
+        tensors = {f"dictionary.{k}": v for k, v in self.dictionary_.arrays().items()}
+        tensors.update(
+            {f"backbone.{k}": v.detach().cpu().numpy() for k, v in self.backbone_.state_dict().items()}
+        )
+        self.fingerprint_ = write_model(path, self._config(), tensors, storage_options or self.storage_options)
+        return self.fingerprint_
+
+    @classmethod
+    def load(cls, path: str, storage_options: dict[str, Any] | None = None, **overrides: Any) -> AnomalyDetector:
+        """Load a model saved by :meth:`save`; runs no code from the file.
+
+        Parameters
+        ----------
+        path : str
+            Local path or fsspec URL.
+        storage_options : dict, optional
+            fsspec options.
+        **overrides
+            Runtime arguments to set on the loaded detector (``client``, ``chunk_size``,
+            ``verbose``, ``overlay_color``, ...).
+
+        Raises
+        ------
+        ModelFileError
+            Not an anomaly_dask model, a pickle, truncated, tampered with or too new.
+        """
+        import torch
+
+        config, tensors, fp = read_model(path, storage_options)
+        params = dict(config["params"])
+        params["overlay_color"] = tuple(params["overlay_color"])
+        params.update(overrides)
+        if storage_options is not None and "storage_options" not in overrides:
+            params["storage_options"] = storage_options
+        det = cls(**params)
+        bb = config["backbone"]
+        state = {k[len("backbone."):]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("backbone.")}
+        det.backbone_ = build_backbone(
+            bb["name"], state, tuple(bb["layers"]), dense_only=params["features"] == "dense"
+        )
+        d = {k[len("dictionary."):]: v for k, v in tensors.items() if k.startswith("dictionary.")}
+        det.dictionary_ = Dictionary(**d)
+        det.threshold_ = float(config["threshold"])
+        det.intensity_ = Intensity(**config["intensity"])
+        det.weights_id_ = bb["weights_id"]
+        det.random_state_ = config["random_state"]
+        det.n_components_ = int(det.dictionary_.pca_components.shape[0])
+        det.fingerprint_ = fp
+        return det
+
+
+def _has_dist() -> bool:
+    try:
+        _pkg_version("anomaly_dask")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+

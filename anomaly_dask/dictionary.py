@@ -1,0 +1,166 @@
+"""The dictionary of normal tiles: PCA, scaler, k-means centroids, tile scores, threshold.
+
+Pure numpy (scikit-learn only to fit); no IO, no Dask. Fitting is split in steps so that the
+orchestrator can stream features: :func:`fit_projection` on a bounded sample,
+:func:`init_kmeans` on that sample, then ``MiniBatchKMeans.partial_fit`` on streamed batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.decomposition import PCA
+
+from .errors import ParameterError
+
+__all__ = ["Dictionary", "fit_projection", "init_kmeans", "threshold_from_scores"]
+
+
+@dataclass
+class Dictionary:
+    """Learned state that turns tile features into anomaly scores.
+
+    Attributes
+    ----------
+    pca_mean : ndarray (D,)
+    pca_components : ndarray (d, D)
+    scaler_mean, scaler_scale : ndarray (d,)
+        StandardScaler fitted on the PCA projections.
+    centroids : ndarray (k, d)
+        k-means centres of normal tiles, in scaled PCA space.
+    """
+
+    pca_mean: np.ndarray
+    pca_components: np.ndarray
+    scaler_mean: np.ndarray
+    scaler_scale: np.ndarray
+    centroids: np.ndarray | None = None
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        """Project features (n, D) into scaled PCA space (n, d), float32."""
+        z = (features.astype(np.float32) - self.pca_mean) @ self.pca_components.T
+        return ((z - self.scaler_mean) / self.scaler_scale).astype(np.float32)
+
+    def score(self, features: np.ndarray, n_neighbors: int = 1) -> np.ndarray:
+        """Mean Euclidean distance of each tile to its ``n_neighbors`` nearest centroids.
+
+        Parameters
+        ----------
+        features : ndarray (..., D)
+            Raw tile features; leading axes are kept.
+        n_neighbors : int
+            Number of nearest centroids averaged.
+
+        Returns
+        -------
+        ndarray of float32, shape (...)
+        """
+        if self.centroids is None:
+            raise RuntimeError("dictionary has no centroids yet")
+        lead = features.shape[:-1]
+        z = self.transform(features.reshape(-1, features.shape[-1]))
+        c = self.centroids.astype(np.float32)
+        d2 = (z * z).sum(1)[:, None] - 2.0 * z @ c.T + (c * c).sum(1)[None, :]
+        d = np.sqrt(np.maximum(d2, 0.0))
+        k = min(n_neighbors, c.shape[0])
+        if k == 1:
+            s = d.min(axis=1)
+        else:
+            s = np.partition(d, k - 1, axis=1)[:, :k].mean(axis=1)
+        return s.astype(np.float32).reshape(lead)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """All arrays by name (for the model file)."""
+        out = {
+            "pca_mean": self.pca_mean,
+            "pca_components": self.pca_components,
+            "scaler_mean": self.scaler_mean,
+            "scaler_scale": self.scaler_scale,
+        }
+        if self.centroids is not None:
+            out["centroids"] = self.centroids
+        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def fit_projection(sample: np.ndarray, variance: float, random_state: int | None) -> Dictionary:
+    """Fit PCA (keeping ``variance`` of the variance) and a scaler on a feature sample.
+
+    Parameters
+    ----------
+    sample : ndarray (n, D)
+        Tile features, a bounded random sample of the training set.
+    variance : float
+        Fraction of variance kept, in (0, 1]; 1 keeps every component.
+    random_state : int or None
+        Seed of the randomised solver.
+    """
+    n, dim = sample.shape
+    if n < 2:
+        raise ParameterError(
+            "training data gave fewer than 2 tiles; use larger or more images, or a smaller tile"
+        )
+    n_comp = min(n, dim) if variance >= 1.0 else variance
+    pca = PCA(n_components=n_comp, svd_solver="full", random_state=random_state).fit(sample)
+    z = pca.transform(sample)
+    scale = z.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    return Dictionary(
+        pca_mean=pca.mean_.astype(np.float32),
+        pca_components=pca.components_.astype(np.float32),
+        scaler_mean=z.mean(axis=0).astype(np.float32),
+        scaler_scale=scale.astype(np.float32),
+    )
+
+
+def init_kmeans(
+    projected: np.ndarray, n_clusters: int, n_init: int, random_state: int | None, batch_size: int
+) -> MiniBatchKMeans:
+    """Seed a MiniBatchKMeans from k-means (``n_init`` restarts) on a projected sample.
+
+    Returns
+    -------
+    MiniBatchKMeans
+        Ready for ``partial_fit`` on streamed batches; its centres start at the sample's
+        best k-means solution.
+    """
+    k = min(n_clusters, len(projected))
+    seed = KMeans(n_clusters=k, n_init=n_init, random_state=random_state).fit(projected)
+    mbk = MiniBatchKMeans(
+        n_clusters=k,
+        init=seed.cluster_centers_,
+        n_init=1,
+        batch_size=batch_size,
+        compute_labels=False,
+        random_state=random_state,
+    )
+    mbk.partial_fit(projected[: max(k, min(len(projected), batch_size))])
+    return mbk
+
+
+def threshold_from_scores(
+    scores: np.ndarray, mode: str, cdf: float, zscore: float, manual: float | None
+) -> float:
+    """Threshold from validation tile scores (the seed's three modes).
+
+    Parameters
+    ----------
+    scores : ndarray
+        Validation tile scores.
+    mode : {"cdf", "zscore", "manual"}
+        ``"cdf"``: the ``cdf`` quantile; ``"zscore"``: mean + ``zscore`` std;
+        ``"manual"``: ``manual`` itself.
+    """
+    if mode == "manual":
+        if manual is None:
+            raise ParameterError("threshold_mode='manual' needs threshold=<value>")
+        return float(manual)
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        raise ParameterError("validation gave no tile scores; give larger or more validation images")
+    if mode == "cdf":
+        return float(np.quantile(scores, cdf))
+    if mode == "zscore":
+        return float(scores.mean() + zscore * scores.std())
+    raise ParameterError(f"threshold_mode={mode!r} is invalid; use 'cdf', 'zscore' or 'manual'")

@@ -1,0 +1,46 @@
+"""Error hierarchy of anomaly_dask.
+
+Every error raised for a user mistake derives from :class:`AnomalyDaskError` and also from
+the builtin a caller would expect (``ValueError``, ``FileNotFoundError``, ``TypeError``), so
+``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AnomalyDaskError",
+    "ImageReadError",
+    "InputNotFoundError",
+    "ModelFileError",
+    "NotFittedError",
+    "ParameterError",
+    "WeightsNotFoundError",
+]
+
+
+class AnomalyDaskError(Exception):
+    """Base class of every error raised by anomaly_dask on purpose."""
+
+
+class ParameterError(AnomalyDaskError, ValueError):
+    """A keyword argument has an invalid value; the message names it and the valid range."""
+
+
+class InputNotFoundError(AnomalyDaskError, FileNotFoundError):
+    """An input path does not exist or holds no images."""
+
+
+class ImageReadError(AnomalyDaskError, ValueError):
+    """A file could not be read as an image, or its pixels are unusable (dtype, size, bands)."""
+
+
+class ModelFileError(AnomalyDaskError, ValueError):
+    """A model file is not an anomaly_dask model, is corrupt, tampered with, or incompatible."""
+
+
+class WeightsNotFoundError(AnomalyDaskError, FileNotFoundError):
+    """Pretrained backbone weights were requested but are not on this machine."""
+
+
+class NotFittedError(AnomalyDaskError, RuntimeError):
+    """A detector was used for scoring before ``train`` or ``load``."""

@@ -1,0 +1,176 @@
+"""Tile features from a backbone: dense pooling over feature maps, or one pass per tile.
+
+These functions take pixels already read and normalised to ``[0, 1]`` and return features on
+the seed's tile grid; they know nothing of files or Dask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import gcd
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import Backbone
+from .grid import TileGrid
+
+__all__ = ["FeatureConfig", "dense_tile_features", "patch_tile_features", "tile_features"]
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How tile features are computed.
+
+    Attributes
+    ----------
+    mode : {"dense", "patch"}
+        ``"dense"``: one backbone pass per window, tile features average-pooled from the
+        dense stages' maps (coarser maps bilinearly resampled to the finest). ``"patch"``:
+        each tile resized to ``patch_size`` and pushed through the whole network (the
+        paper's feature, globally average-pooled).
+    upsample : int
+        Dense mode: the window is magnified by this factor before the backbone, so a tile
+        spans more feature-map cells.
+    patch_size : int
+        Patch mode: network input size of each tile.
+    batch_size : int
+        Patch mode: tiles per forward pass.
+    context : int
+        Dense mode: backbone context in network pixels added around the tiles of a window.
+    """
+
+    mode: str = "dense"
+    upsample: int = 1
+    patch_size: int = 224
+    batch_size: int = 1024
+    context: int = 64
+
+    def lattice(self, backbone: Backbone) -> int:
+        """Window origins are multiples of this many image pixels (dense mode)."""
+        if self.mode != "dense":
+            return 1
+        return max(1, max(backbone.dense_strides) // self.upsample)
+
+    def halo(self, backbone: Backbone) -> int:
+        """Context in image pixels read around a window's tiles."""
+        if self.mode != "dense":
+            return 0
+        return -(-self.context // self.upsample)
+
+
+def _normalise(pixels: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).permute(2, 0, 1)[None]
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def dense_tile_features(
+    backbone: Backbone,
+    pixels: np.ndarray,
+    tile_offset: tuple[int, int],
+    n_tiles: tuple[int, int],
+    grid: TileGrid,
+    upsample: int = 1,
+) -> np.ndarray:
+    """Pool tile features from one backbone pass over a window.
+
+    Parameters
+    ----------
+    backbone : Backbone
+        Network in eval mode.
+    pixels : ndarray, shape (h, w, 3)
+        Window in ``[0, 1]``; ``h * upsample`` and ``w * upsample`` must be multiples of
+        the deepest dense stage's stride.
+    tile_offset : (int, int)
+        Position in the window (image pixels) of the first tile's top-left corner.
+    n_tiles : (int, int)
+        Tile rows and columns to return, spaced by the grid's stride.
+    grid : TileGrid
+        Tile size and stride.
+    upsample : int
+        Magnification applied before the backbone.
+
+    Returns
+    -------
+    ndarray of float32, shape (rows, cols, D)
+    """
+    x = _normalise(pixels)
+    if upsample != 1:
+        x = F.interpolate(x, scale_factor=upsample, mode="bilinear", align_corners=False)
+    maps = backbone.forward_dense(x)
+    finest = min(backbone.dense_strides)
+    sizes = [
+        v * upsample
+        for v in (grid.tile_h, grid.tile_w, grid.stride_h, grid.stride_w, *tile_offset)
+    ]
+    cell = gcd(finest, *sizes)
+    h_cells, w_cells = x.shape[2] // cell, x.shape[3] // cell
+    resampled = [
+        m if m.shape[2:] == (h_cells, w_cells)
+        else F.interpolate(m, size=(h_cells, w_cells), mode="bilinear", align_corners=False)
+        for m in maps
+    ]
+    feat = torch.cat(resampled, dim=1)
+    kh, kw = grid.tile_h * upsample // cell, grid.tile_w * upsample // cell
+    sh, sw = grid.stride_h * upsample // cell, grid.stride_w * upsample // cell
+    oy, ox = tile_offset[0] * upsample // cell, tile_offset[1] * upsample // cell
+    rows, cols = n_tiles
+    feat = feat[:, :, oy : oy + (rows - 1) * sh + kh, ox : ox + (cols - 1) * sw + kw]
+    pooled = F.avg_pool2d(feat, kernel_size=(kh, kw), stride=(sh, sw))
+    return pooled[0].permute(1, 2, 0).contiguous().numpy()
+
+
+def patch_tile_features(
+    backbone: Backbone,
+    pixels: np.ndarray,
+    tile_offset: tuple[int, int],
+    n_tiles: tuple[int, int],
+    grid: TileGrid,
+    patch_size: int = 224,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """One full backbone pass per tile (bicubic resize to ``patch_size``), as in the paper.
+
+    Parameters are those of :func:`dense_tile_features`, plus the network input size and the
+    number of tiles per forward pass.
+
+    Returns
+    -------
+    ndarray of float32, shape (rows, cols, D)
+    """
+    rows, cols = n_tiles
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).permute(2, 0, 1)
+    oy, ox = tile_offset
+    corners = [
+        (oy + r * grid.stride_h, ox + c * grid.stride_w) for r in range(rows) for c in range(cols)
+    ]
+    out = []
+    for k in range(0, len(corners), batch_size):
+        batch = torch.stack(
+            [x[:, y : y + grid.tile_h, z : z + grid.tile_w] for y, z in corners[k : k + batch_size]]
+        )
+        batch = F.interpolate(batch, size=(patch_size, patch_size), mode="bicubic", align_corners=False)
+        batch = (batch.clamp(0, 1) - IMAGENET_MEAN) / IMAGENET_STD
+        out.append(backbone.forward_pooled(batch))
+    return torch.cat(out).reshape(rows, cols, -1).numpy()
+
+
+def tile_features(
+    backbone: Backbone,
+    config: FeatureConfig,
+    pixels: np.ndarray,
+    tile_offset: tuple[int, int],
+    n_tiles: tuple[int, int],
+    grid: TileGrid,
+) -> np.ndarray:
+    """Dispatch to :func:`dense_tile_features` or :func:`patch_tile_features`."""
+    with torch.inference_mode():
+        if config.mode == "dense":
+            return dense_tile_features(backbone, pixels, tile_offset, n_tiles, grid, config.upsample)
+        return patch_tile_features(
+            backbone, pixels, tile_offset, n_tiles, grid, config.patch_size, config.batch_size
+        )

@@ -1,0 +1,231 @@
+"""Tile grid and chunk geometry: pure integer and array maths, no IO.
+
+The tile grid is the seed's: tiles of ``tile_h x tile_w`` pixels whose top-left corners lie
+at multiples of the stride, ``(i * stride_h, j * stride_w)``, as many as fit in the image.
+A pixel's score is the mean score of the tiles covering it; the few pixels past the last
+tile (when the image size minus the tile is not a multiple of the stride) take the scores of
+the nearest tiles.
+
+Chunks partition the image into rectangles whose origins are multiples of the stride. A
+chunk *owns* the tiles whose top-left corner it contains (used to train: every tile once)
+and is *covered* by the tiles that overlap any of its pixels (used to score its pixels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import gcd
+
+import numpy as np
+
+__all__ = [
+    "TileGrid",
+    "Window",
+    "axis_chunks",
+    "chunk_windows",
+    "pixel_scores_from_tiles",
+]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles of one image.
+
+    Parameters
+    ----------
+    height, width : int
+        Image size in pixels; at least one tile must fit.
+    tile_h, tile_w : int
+        Tile size in pixels.
+    stride_h, stride_w : int
+        Distance between neighbouring tiles' top-left corners.
+    """
+
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    stride_h: int
+    stride_w: int
+
+    @property
+    def n_rows(self) -> int:
+        """Number of tile rows."""
+        return (self.height - self.tile_h) // self.stride_h + 1
+
+    @property
+    def n_cols(self) -> int:
+        """Number of tile columns."""
+        return (self.width - self.tile_w) // self.stride_w + 1
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of tiles in the image."""
+        return self.n_rows * self.n_cols
+
+
+@dataclass(frozen=True)
+class Window:
+    """One chunk of an image and the tiles it needs.
+
+    Attributes
+    ----------
+    y0, y1, x0, x1 : int
+        The chunk's pixels, ``[y0, y1) x [x0, x1)``.
+    own_rows, own_cols : tuple of int
+        Half-open ranges of tile indices whose top-left corner lies in the chunk.
+    cover_rows, cover_cols : tuple of int
+        Half-open ranges of tile indices needed to score every pixel of the chunk.
+    """
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    own_rows: tuple[int, int]
+    own_cols: tuple[int, int]
+    cover_rows: tuple[int, int]
+    cover_cols: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Chunk shape in pixels."""
+        return (self.y1 - self.y0, self.x1 - self.x0)
+
+
+def axis_chunks(length: int, chunk: int, stride: int, tile: int) -> list[tuple[int, int]]:
+    """Split one image axis into chunks whose starts are multiples of ``stride``.
+
+    Parameters
+    ----------
+    length : int
+        Image size along the axis.
+    chunk : int
+        Wanted chunk size; rounded down to a multiple of ``stride`` (at least ``stride``).
+    stride, tile : int
+        Tile stride and size along the axis.
+
+    Returns
+    -------
+    list of (start, stop)
+        Contiguous chunks covering ``[0, length)``. A last chunk that would own no tile
+        (shorter than the remaining tile overhang) or is shorter than a tile is merged into
+        its neighbour, so every chunk owns at least one tile.
+    """
+    step = max(stride, (chunk // stride) * stride)
+    starts = list(range(0, length, step))
+    last_tile_start = ((length - tile) // stride) * stride
+    # Drop chunk starts that own no tile or leave a sliver shorter than a tile.
+    starts = [s for s in starts if s == 0 or (s <= last_tile_start and length - s >= tile)]
+    bounds = starts + [length]
+    return [(bounds[k], bounds[k + 1]) for k in range(len(starts))]
+
+
+def _cover_range(p0: int, p1: int, tile: int, stride: int, n: int) -> tuple[int, int]:
+    lo = max(0, -((tile - 1 - p0) // stride))  # ceil((p0 - tile + 1) / stride)
+    hi = min(n - 1, (p1 - 1) // stride)
+    return (min(lo, hi), hi + 1)
+
+
+def chunk_windows(grid: TileGrid, chunk: int) -> list[list[Window]]:
+    """Cut ``grid``'s image into chunks of about ``chunk`` pixels a side.
+
+    Parameters
+    ----------
+    grid : TileGrid
+        The image's tile grid.
+    chunk : int
+        Wanted chunk size in pixels.
+
+    Returns
+    -------
+    list of list of Window
+        Row-major chunks; every chunk owns at least one tile.
+    """
+    ys = axis_chunks(grid.height, chunk, grid.stride_h, grid.tile_h)
+    xs = axis_chunks(grid.width, chunk, grid.stride_w, grid.tile_w)
+
+    def own(p0: int, p1: int, stride: int, n: int, last: bool) -> tuple[int, int]:
+        return (p0 // stride, n if last else min(n, -(-p1 // stride)))
+
+    rows = []
+    for iy, (y0, y1) in enumerate(ys):
+        row = []
+        for ix, (x0, x1) in enumerate(xs):
+            row.append(
+                Window(
+                    y0, y1, x0, x1,
+                    own_rows=own(y0, y1, grid.stride_h, grid.n_rows, iy == len(ys) - 1),
+                    own_cols=own(x0, x1, grid.stride_w, grid.n_cols, ix == len(xs) - 1),
+                    cover_rows=_cover_range(y0, y1, grid.tile_h, grid.stride_h, grid.n_rows),
+                    cover_cols=_cover_range(x0, x1, grid.tile_w, grid.stride_w, grid.n_cols),
+                )
+            )
+        rows.append(row)
+    return rows
+
+
+def _axis_tile_span(p0: int, p1: int, tile: int, stride: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last tile index covering each pixel in ``[p0, p1)`` (nearest if none)."""
+    p = np.arange(p0, p1)
+    hi = np.minimum(n - 1, p // stride)
+    lo = np.maximum(0, -((tile - 1 - p) // stride))
+    return np.minimum(lo, hi), hi
+
+
+def pixel_scores_from_tiles(
+    tile_scores: np.ndarray,
+    grid: TileGrid,
+    tile_origin: tuple[int, int],
+    pixels: tuple[int, int, int, int],
+) -> np.ndarray:
+    """Average tile scores onto pixels.
+
+    Parameters
+    ----------
+    tile_scores : ndarray, shape (r, c)
+        Scores of tiles ``tile_origin[0] + [0, r)`` by ``tile_origin[1] + [0, c)``; must
+        include every tile covering ``pixels``.
+    grid : TileGrid
+        The image's tile grid.
+    tile_origin : (int, int)
+        Global index of ``tile_scores[0, 0]``.
+    pixels : (y0, y1, x0, x1)
+        Pixel rectangle to score.
+
+    Returns
+    -------
+    ndarray of float32, shape (y1 - y0, x1 - x0)
+        Mean score of the tiles covering each pixel.
+    """
+    y0, y1, x0, x1 = pixels
+    a, b = _axis_tile_span(y0, y1, grid.tile_h, grid.stride_h, grid.n_rows)
+    c, d = _axis_tile_span(x0, x1, grid.tile_w, grid.stride_w, grid.n_cols)
+    a, b = a - tile_origin[0], b - tile_origin[0]
+    c, d = c - tile_origin[1], d - tile_origin[1]
+    r, k = tile_scores.shape
+    if a.min() < 0 or b.max() >= r or c.min() < 0 or d.max() >= k:
+        raise ValueError("tile_scores does not cover the requested pixels")
+    prefix = np.zeros((r + 1, k + 1), dtype=np.float64)
+    prefix[1:, 1:] = np.cumsum(np.cumsum(tile_scores, axis=0, dtype=np.float64), axis=1)
+    total = (
+        prefix[np.ix_(b + 1, d + 1)]
+        - prefix[np.ix_(a, d + 1)]
+        - prefix[np.ix_(b + 1, c)]
+        + prefix[np.ix_(a, c)]
+    )
+    count = np.outer(b - a + 1, d - c + 1)
+    return (total / count).astype(np.float32)
+
+
+def lattice_floor(value: int, step: int) -> int:
+    """Largest multiple of ``step`` not above ``value``."""
+    return (value // step) * step
+
+
+def common_cell(*sizes: int) -> int:
+    """Greatest common divisor of several positive sizes."""
+    out = 0
+    for s in sizes:
+        out = gcd(out, int(s))
+    return out

@@ -1,0 +1,43 @@
+"""Mask and overlay images: pure array functions plus a PNG writer through fsspec."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+__all__ = ["display_rgb", "mask_image", "overlay_image", "write_png"]
+
+
+def mask_image(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Binary mask, uint8 0/255: 255 where ``scores >= threshold``."""
+    return np.where(scores >= threshold, 255, 0).astype(np.uint8)
+
+
+def display_rgb(unit_rgb: np.ndarray) -> np.ndarray:
+    """The model's view of an image (float RGB in [0, 1]) as uint8 RGB for display."""
+    return np.clip(np.rint(unit_rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def overlay_image(
+    rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int], opacity: float
+) -> np.ndarray:
+    """Blend ``color`` at ``opacity`` over ``rgb`` (uint8, (h, w, 3)) where ``mask`` is set."""
+    out = rgb.astype(np.float32)
+    sel = mask > 0
+    out[sel] = (1.0 - opacity) * out[sel] + opacity * np.asarray(color, dtype=np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def write_png(url: str, array: np.ndarray, storage_options: dict[str, Any] | None = None) -> None:
+    """Write a uint8 (h, w) or (h, w, 3) array as PNG, via a temporary name then a move."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    tmp = path + ".partial"
+    with fs.open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    fs.mv(tmp, path)

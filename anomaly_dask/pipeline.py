@@ -1,0 +1,294 @@
+"""Dask orchestration: the only module that schedules work and waits for it.
+
+Work is cut into *units*: one chunk (a :class:`~anomaly_dask.grid.Window`) of one image.
+Each task receives the small picklable image source, the chunk and a future of the model
+(backbone + dictionary), which Dask moves to each worker once; it reads its window plus
+halo, runs the backbone and returns only what the caller needs (a feature sample, projected
+features, tile scores or pixel scores of its chunk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from .dictionary import Dictionary, fit_projection, init_kmeans
+from .features import FeatureConfig, tile_features
+from .grid import TileGrid, Window, chunk_windows, lattice_floor, pixel_scores_from_tiles
+from .sources import ImageSource, Intensity, read_window, to_unit_rgb
+
+__all__ = [
+    "Extractor",
+    "Unit",
+    "local_client",
+    "plan_units",
+    "score_array",
+    "train_dictionary",
+    "validation_scores",
+]
+
+log = logging.getLogger("anomaly_dask")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One chunk of one image."""
+
+    source: ImageSource
+    grid: TileGrid
+    window: Window
+
+
+def plan_units(source: ImageSource, grid: TileGrid, chunk: int) -> list[Unit]:
+    """All chunks of an image, row-major."""
+    return [Unit(source, grid, w) for row in chunk_windows(grid, chunk) for w in row]
+
+
+@contextlib.contextmanager
+def local_client(client: Any | None, threads: int | None = None) -> Iterator[Any]:
+    """Yield ``client``, or a LocalCluster client started (and closed) for the block.
+
+    Without a client an in-process cluster is used (one worker, threads sharing one copy of
+    the model); pass ``client=`` to run on any other Dask cluster.
+    """
+    if client is not None:
+        yield client
+        return
+    from distributed import Client, LocalCluster
+
+    threads = threads or os.cpu_count() or 1
+    with LocalCluster(
+        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None
+    ) as cluster, Client(cluster) as own:
+        yield own
+
+
+def _set_torch_threads() -> None:
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        nthreads = get_worker().state.nthreads
+    except (ImportError, ValueError):
+        nthreads = 1
+    want = max(1, (os.cpu_count() or 1) // max(1, nthreads))
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+
+
+def _axis_window(
+    lo: int, hi: int, stride: int, tile: int, halo: int, lattice: int
+) -> tuple[int, int, int]:
+    """Pixel span read for tiles ``[lo, hi)`` on one axis: (start, stop, first tile offset)."""
+    start = lattice_floor(lo * stride - halo, lattice)
+    stop = (hi - 1) * stride + tile + halo
+    stop = start + -(-(stop - start) // lattice) * lattice
+    return start, stop, lo * stride - start
+
+
+@dataclass(frozen=True, eq=False)
+class Extractor:
+    """Backbone, feature configuration and intensity map: pixels of a unit to tile features.
+
+    Scattered to the cluster once per job; tasks receive its future.
+    """
+
+    backbone: Any
+    config: FeatureConfig
+    intensity: Intensity
+
+    def features(self, unit: Unit, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+        """Features (r, c, D) of tiles ``rows x cols`` of the unit's image."""
+        _set_torch_threads()
+        g = unit.grid
+        lattice, halo = self.config.lattice(self.backbone), self.config.halo(self.backbone)
+        y0, y1, oy = _axis_window(*rows, g.stride_h, g.tile_h, halo, lattice)
+        x0, x1, ox = _axis_window(*cols, g.stride_w, g.tile_w, halo, lattice)
+        pixels = to_unit_rgb(read_window(unit.source, y0, y1, x0, x1), self.intensity)
+        n = (rows[1] - rows[0], cols[1] - cols[0])
+        return tile_features(self.backbone, self.config, pixels, (oy, ox), n, g)
+
+    def owned(self, unit: Unit) -> np.ndarray:
+        """Features (n, D) of the tiles a unit owns."""
+        f = self.features(unit, unit.window.own_rows, unit.window.own_cols)
+        return f.reshape(-1, f.shape[-1])
+
+
+def _subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    if len(x) <= n:
+        return x
+    return x[np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))]
+
+
+def _sample_task(extractor: Extractor, unit: Unit, n: int, seed: int) -> np.ndarray:
+    return _subsample(extractor.owned(unit), n, seed)
+
+
+def _project_task(extractor: Extractor, dictionary: Dictionary, unit: Unit, seed: int) -> np.ndarray:
+    z = dictionary.transform(extractor.owned(unit))
+    return z[np.random.default_rng(seed).permutation(len(z))]
+
+
+def _tile_score_task(
+    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, n: int, seed: int
+) -> np.ndarray:
+    return _subsample(dictionary.score(extractor.owned(unit), n_neighbors), n, seed)
+
+
+def _pixel_score_task(
+    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int
+) -> np.ndarray:
+    w = unit.window
+    tiles = dictionary.score(extractor.features(unit, w.cover_rows, w.cover_cols), n_neighbors)
+    return pixel_scores_from_tiles(
+        tiles, unit.grid, (w.cover_rows[0], w.cover_cols[0]), (w.y0, w.y1, w.x0, w.x1)
+    )
+
+
+def _stream(client: Any, fn: Any, jobs: Iterable[tuple], limit: int) -> Iterator[Any]:
+    """Run ``fn(*args)`` for each job with at most ``limit`` in flight; yield results."""
+    from distributed import as_completed
+
+    jobs = iter(jobs)
+    pending = as_completed()
+    for args in jobs:
+        pending.add(client.submit(fn, *args, pure=False))
+        if pending.count() >= limit:
+            break
+    for fut in pending:
+        result = fut.result()
+        fut.release()
+        yield result
+        for args in jobs:
+            pending.add(client.submit(fn, *args, pure=False))
+            break
+
+
+def _in_flight(client: Any) -> int:
+    return 2 * max(1, sum(client.nthreads().values()))
+
+
+def train_dictionary(
+    client: Any,
+    extractor: Any,
+    units: list[Unit],
+    *,
+    pca_variance: float,
+    n_clusters: int,
+    n_init: int,
+    max_fit_tiles: int,
+    random_state: int,
+    batch_size: int = 4096,
+) -> Dictionary:
+    """Fit PCA, scaler and MiniBatchKMeans on the tiles of ``units``, streaming chunk results.
+
+    Memory is bounded by ``max_fit_tiles`` feature rows whatever the number of units: PCA is
+    fitted on a random sample of at most that many tiles; k-means is seeded on the projected
+    sample and refined by ``partial_fit`` on every chunk's projected tiles, in shuffled
+    order. When the sample already holds every training tile the second pass reuses it.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    extractor : Future of Extractor
+    units : list of Unit
+        Training chunks.
+    pca_variance, n_clusters, n_init : float, int, int
+        Fraction of variance kept; k-means clusters and restarts of the seeding k-means.
+    max_fit_tiles : int
+        Largest number of tile features held at once.
+    random_state : int
+        Seed of sampling, PCA and k-means.
+    batch_size : int
+        Rows per ``partial_fit`` call.
+    """
+    rng = np.random.default_rng(random_state)
+    order = [units[i] for i in rng.permutation(len(units))]
+    total = sum(
+        (u.window.own_rows[1] - u.window.own_rows[0]) * (u.window.own_cols[1] - u.window.own_cols[0])
+        for u in order
+    )
+    complete = total <= max_fit_tiles
+    sample_units = order if complete else order[: min(len(order), 256)]
+    per_unit = max_fit_tiles if complete else max(1, max_fit_tiles // len(sample_units))
+    seeds = rng.integers(0, 2**31, size=(len(order), 2))
+    jobs = [(extractor, u, per_unit, int(seeds[i, 0])) for i, u in enumerate(sample_units)]
+    sample_parts = list(_stream(client, _sample_task, jobs, _in_flight(client)))
+    sample = np.concatenate(sample_parts)
+    log.info("fitting PCA on %d tile features of dimension %d", *sample.shape)
+    dictionary = fit_projection(sample, pca_variance, random_state)
+    projected = dictionary.transform(sample)
+    log.info("PCA keeps %d components; seeding k-means (k=%d)", projected.shape[1], n_clusters)
+    mbk = init_kmeans(projected, n_clusters, n_init, random_state, batch_size)
+    del sample, projected
+    if complete:
+        parts: Iterable[np.ndarray] = (dictionary.transform(p) for p in sample_parts)
+    else:
+        sample_parts.clear()
+        dict_future = client.scatter(dictionary, broadcast=False)
+        jobs2 = [(extractor, dict_future, u, int(seeds[i, 1])) for i, u in enumerate(order)]
+        parts = _stream(client, _project_task, jobs2, _in_flight(client))
+    for z in parts:
+        for k in range(0, len(z), batch_size):
+            batch = z[k : k + batch_size]
+            if len(batch) >= mbk.n_clusters:
+                mbk.partial_fit(batch)
+    dictionary.centroids = mbk.cluster_centers_.astype(np.float32)
+    return dictionary
+
+
+def validation_scores(
+    client: Any,
+    extractor: Any,
+    dictionary: Any,
+    units: list[Unit],
+    n_neighbors: int,
+    max_scores: int,
+    random_state: int,
+) -> np.ndarray:
+    """Tile scores of the validation units (each tile once), at most about ``max_scores``."""
+    rng = np.random.default_rng(random_state)
+    per_unit = max(1000, max_scores // max(1, len(units)))
+    jobs = [
+        (extractor, dictionary, u, n_neighbors, per_unit, int(rng.integers(0, 2**31))) for u in units
+    ]
+    return np.concatenate(list(_stream(client, _tile_score_task, jobs, _in_flight(client))))
+
+
+def score_array(
+    extractor: Any, dictionary: Any, source: ImageSource, grid: TileGrid, chunk: int, n_neighbors: int
+) -> da.Array:
+    """Lazy pixel scores of one image: a dask array chunked like the processing.
+
+    Parameters
+    ----------
+    extractor, dictionary : Future or object
+        The model's parts, ideally futures scattered once per job.
+    source : ImageSource
+        The image.
+    grid : TileGrid
+        Its tile grid.
+    chunk : int
+        Chunk size in pixels.
+    n_neighbors : int
+        Centroids averaged per tile score.
+    """
+    rows = []
+    for row in chunk_windows(grid, chunk):
+        blocks = []
+        for w in row:
+            task = dask.delayed(_pixel_score_task, pure=True)(
+                extractor, dictionary, Unit(source, grid, w), n_neighbors
+            )
+            blocks.append(da.from_delayed(task, shape=w.shape, dtype=np.float32))
+        rows.append(blocks)
+    return da.block(rows)

@@ -1,0 +1,319 @@
+"""Image inputs: finding image files, opening them lazily, reading windows, intensity mapping.
+
+An :class:`ImageSource` is a small picklable description of one image (a URL or a numpy
+array) that reads any rectangle on demand, so a task ships the description and reads only
+its window. Ordinary images (PNG, JPEG, BMP, TIFF read by Pillow) are decoded whole once per
+process and cached: Pillow cannot read a region of a compressed image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import fsspec
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageReadError, InputNotFoundError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ArraySource",
+    "ImageSource",
+    "Intensity",
+    "PILSource",
+    "list_images",
+    "open_source",
+    "read_window",
+    "to_unit_rgb",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def _unstrip(fs: fsspec.AbstractFileSystem, url: str, path: str) -> str:
+    """Give ``path`` (as fs lists it) back the protocol of ``url``."""
+    if "://" in url:
+        return fs.unstrip_protocol(path)
+    return path
+
+
+def list_images(path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """List the images at ``path``: the file itself, or a folder searched recursively.
+
+    Parameters
+    ----------
+    path : str
+        Local path or fsspec URL of an image file or a folder.
+    storage_options : dict, optional
+        Passed to fsspec.
+
+    Returns
+    -------
+    list of str
+        Sorted image paths. Files without an image extension are skipped with a warning.
+
+    Raises
+    ------
+    InputNotFoundError
+        ``path`` does not exist, or the folder holds no image file.
+    """
+    path = str(path)
+    fs, fpath = _fs(path, storage_options)
+    if not fs.exists(fpath):
+        raise InputNotFoundError(
+            f"{path!r} does not exist: pass a folder of images or a single image file"
+        )
+    if not fs.isdir(fpath):
+        return [path]
+    files = sorted(fs.find(fpath))
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    others = [f for f in files if f not in images]
+    for f in others:
+        warnings.warn(f"skipping {f!r}: not an image file ({', '.join(IMAGE_EXTENSIONS)})", stacklevel=2)
+    if not images:
+        raise InputNotFoundError(
+            f"folder {path!r} holds no image files (looked recursively for "
+            f"{', '.join(IMAGE_EXTENSIONS)}; found {len(others)} other files)"
+        )
+    return [_unstrip(fs, path, f) for f in images]
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """Linear map of raw pixel values onto ``[0, 1]``: ``(x - low) / (high - low)``, clipped.
+
+    Attributes
+    ----------
+    low, high : float
+        Raw values mapped to 0 and 1.
+    gray : bool
+        Whether the model sees images as single-band (colour inputs converted to luminance)
+        rather than RGB (single-band inputs replicated).
+    """
+
+    low: float = 0.0
+    high: float = 255.0
+    gray: bool = False
+
+
+class ImageSource:
+    """One image, read window by window.
+
+    Attributes
+    ----------
+    name : str
+        Path or label used in messages and output names.
+    height, width, channels : int
+        Shape of the raw pixels ``(height, width, channels)``, channels 1 or 3.
+    dtype : numpy.dtype
+        Raw pixel type.
+    """
+
+    name: str
+    height: int
+    width: int
+    channels: int
+    dtype: np.dtype
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Raw pixels of ``[y0, y1) x [x0, x1)`` (inside the image), shape (h, w, channels)."""
+        raise NotImplementedError
+
+
+def _to_raw(img: Image.Image, name: str) -> np.ndarray:
+    """Pixels of a Pillow image as (h, w, 1 or 3); alpha dropped, palette expanded."""
+    mode = img.mode
+    if mode == "P" or mode == "PA":
+        img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
+        mode = img.mode
+    if mode == "1":
+        img, mode = img.convert("L"), "L"
+    if mode == "LA":
+        img, mode = img.getchannel("L"), "L"
+    if mode in ("RGBA", "CMYK", "YCbCr", "HSV", "LAB", "RGBX", "RGBa"):
+        img, mode = img.convert("RGB"), "RGB"
+    if mode in ("L", "I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if mode.startswith("I;16"):
+            arr = arr.astype(np.uint16)
+        return arr[:, :, None]
+    if mode == "RGB":
+        return np.asarray(img)
+    raise ImageReadError(
+        f"{name}: unsupported image mode {mode!r}; convert it to grayscale or RGB (8 or 16 bit)"
+    )
+
+
+@lru_cache(maxsize=8)
+def _decode(url: str, options_key: tuple) -> np.ndarray:
+    storage_options = dict(options_key)
+    try:
+        with fsspec.open(url, "rb", **storage_options) as f:
+            data = f.read()
+    except FileNotFoundError as err:
+        raise InputNotFoundError(f"{url!r} does not exist") from err
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return _to_raw(img, url)
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(
+            f"{url}: too large for Pillow ({err}); store it as a tiled TIFF or zarr instead"
+        ) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, ImageReadError):
+            raise
+        raise ImageReadError(
+            f"{url}: cannot be read as an image ({err}); it is corrupt or not an image - "
+            f"re-export it or remove it from the input folder"
+        ) from err
+
+
+@dataclass(frozen=True)
+class PILSource(ImageSource):
+    """An ordinary image file (PNG, JPEG, ...) decoded whole by Pillow, cached per process."""
+
+    name: str
+    height: int
+    width: int
+    channels: int
+    dtype: np.dtype
+    storage_options: tuple = field(default=(), repr=False)
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return _decode(self.name, self.storage_options)[y0:y1, x0:x1]
+
+    def read_all(self) -> np.ndarray:
+        """All raw pixels, shape (height, width, channels)."""
+        return _decode(self.name, self.storage_options)
+
+
+@dataclass(frozen=True, eq=False)
+class ArraySource(ImageSource):
+    """An in-memory numpy array."""
+
+    array: np.ndarray
+    name: str = "<array>"
+
+    @property
+    def height(self) -> int:  # type: ignore[override]
+        return self.array.shape[0]
+
+    @property
+    def width(self) -> int:  # type: ignore[override]
+        return self.array.shape[1]
+
+    @property
+    def channels(self) -> int:  # type: ignore[override]
+        return self.array.shape[2]
+
+    @property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.array.dtype
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return self.array[y0:y1, x0:x1]
+
+
+def _check_array(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise ImageReadError(f"{name}: expected an array of shape (H, W) or (H, W, C), got {arr.shape}")
+    if arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.shape[2] not in (1, 3):
+        raise ImageReadError(
+            f"{name}: {arr.shape[2]} channels are not supported; pass 1 (gray), 3 (RGB) or 4 (RGBA)"
+        )
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ImageReadError(
+            f"{name}: pixel dtype {arr.dtype} is not supported; use unsigned/signed integers or floats"
+        )
+    return arr
+
+
+def open_source(image: str | np.ndarray, storage_options: dict[str, Any] | None = None) -> ImageSource:
+    """Open one image lazily.
+
+    Parameters
+    ----------
+    image : str or ndarray
+        A path/URL of an image file, or an array (H, W) or (H, W, C) with C in 1, 3, 4.
+    storage_options : dict, optional
+        Passed to fsspec.
+
+    Raises
+    ------
+    InputNotFoundError, ImageReadError
+        Missing file; unreadable or unsupported image.
+    """
+    if isinstance(image, np.ndarray):
+        return ArraySource(_check_array(image, "array"))
+    url = str(image)
+    key = tuple(sorted((storage_options or {}).items()))
+    raw = _decode(url, key)
+    return PILSource(url, raw.shape[0], raw.shape[1], raw.shape[2], raw.dtype, key)
+
+
+def read_window(source: ImageSource, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Raw pixels of any rectangle; parts outside the image are mirrored in (reflect)."""
+    cy0, cy1 = max(0, y0), min(source.height, y1)
+    cx0, cx1 = max(0, x0), min(source.width, x1)
+    raw = source.read(cy0, cy1, cx0, cx1)
+    pad = ((cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1), (0, 0))
+    if any(p for axis in pad for p in axis):
+        raw = np.pad(raw, pad, mode="reflect")
+    return raw
+
+
+def to_unit_rgb(raw: np.ndarray, intensity: Intensity) -> np.ndarray:
+    """Map raw pixels (h, w, 1 or 3) to float32 RGB in ``[0, 1]`` as the model sees them."""
+    x = raw.astype(np.float32)
+    scale = 1.0 / max(intensity.high - intensity.low, 1e-12)
+    x = np.clip((x - intensity.low) * scale, 0.0, 1.0)
+    if intensity.gray and x.shape[2] == 3:
+        x = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[:, :, None]
+    if x.shape[2] == 1:
+        x = np.repeat(x, 3, axis=2)
+    return x
+
+
+def fit_intensity(sources: Sequence[ImageSource], samples: Sequence[np.ndarray]) -> Intensity:
+    """Choose the intensity map for a training set.
+
+    Parameters
+    ----------
+    sources : sequence of ImageSource
+        Training images.
+    samples : sequence of ndarray
+        Raw pixel samples from them (used unless every image is 8-bit).
+
+    Returns
+    -------
+    Intensity
+        ``[0, 255]`` for 8-bit data; otherwise the 0.5 and 99.5 percentiles of the finite
+        sampled values. ``gray`` is set when every training image has one band.
+    """
+    gray = all(s.channels == 1 for s in sources)
+    if all(np.dtype(s.dtype) == np.uint8 for s in sources):
+        return Intensity(0.0, 255.0, gray)
+    values = np.concatenate([np.asarray(s, dtype=np.float64).ravel() for s in samples])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ImageReadError("training images hold no finite pixel values")
+    low, high = np.percentile(values, [0.5, 99.5])
+    if high <= low:
+        high = low + 1.0
+    return Intensity(float(low), float(high), gray)
