@@ -27,7 +27,7 @@ __all__ = ["AnomalyDetector"]
 log = logging.getLogger("anomaly_dask")
 
 #: Backbone context (network pixels) added around each window's tiles in dense mode.
-CONTEXT = {"resnet18": 96, "efficientnet_lite0": 96}
+CONTEXT = {"resnet18": 160, "efficientnet_lite0": 160}
 
 
 def _setup_logging(verbose: int) -> None:
@@ -83,6 +83,17 @@ class AnomalyDetector:
         source = open_source(image, s["storage_options"])
         return source, self._grid(source, s)
 
+    @staticmethod
+    def _collect(images: Any, s: dict[str, Any]) -> list[Any]:
+        """Image paths or arrays from a folder/file path, an array, or a list of those."""
+        if isinstance(images, np.ndarray):
+            return [images]
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise ParameterError("an empty list of images was given")
+            return [f for item in images for f in AnomalyDetector._collect(item, s)]
+        return list_images(images, s["storage_options"])
+
     def _check_fitted(self) -> None:
         if getattr(self, "dictionary_", None) is None:
             raise NotFittedError("this AnomalyDetector is not trained: call train() or load() first")
@@ -93,7 +104,7 @@ class AnomalyDetector:
             upsample=s["upsample"],
             patch_size=s["patch_size"],
             batch_size=s["cnn_batchsize"],
-            context=CONTEXT.get(s["backbone"], 96),
+            context=CONTEXT.get(s["backbone"], 160),
         )
 
     def _device(self, s: dict[str, Any]) -> str:
@@ -113,11 +124,10 @@ class AnomalyDetector:
     def _split(
         self, train: Any, val: Any, s: dict[str, Any], rng: np.random.Generator
     ) -> tuple[list[pipeline.Unit], list[pipeline.Unit], list[ImageSource]]:
-        train_files = list_images(train, s["storage_options"])
-        sources = [self._open(f, s) for f in train_files]
+        sources = [self._open(f, s) for f in self._collect(train, s)]
         chunk = s["chunk_size"]
         if val is not None:
-            val_sources = [self._open(f, s) for f in list_images(val, s["storage_options"])]
+            val_sources = [self._open(f, s) for f in self._collect(val, s)]
             return (
                 [u for src, g in sources for u in pipeline.plan_units(src, g, chunk)],
                 [u for src, g in val_sources for u in pipeline.plan_units(src, g, chunk)],

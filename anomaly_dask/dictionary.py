@@ -38,6 +38,12 @@ class Dictionary:
     scaler_scale: np.ndarray
     centroids: np.ndarray | None = None
 
+    def __setattr__(self, name: str, value: object) -> None:
+        # One memory layout whatever the origin (fit or file), so BLAS rounds identically.
+        if value is not None:
+            value = np.ascontiguousarray(value, dtype=np.float32)
+        super().__setattr__(name, value)
+
     def transform(self, features: np.ndarray) -> np.ndarray:
         """Project features (n, D) into scaled PCA space (n, d), float32."""
         z = (features.astype(np.float32) - self.pca_mean) @ self.pca_components.T

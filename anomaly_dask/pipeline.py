@@ -66,7 +66,7 @@ def local_client(client: Any | None, threads: int | None = None) -> Iterator[Any
 
     threads = threads or os.cpu_count() or 1
     with LocalCluster(
-        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None
+        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=":0"
     ) as cluster, Client(cluster) as own:
         yield own
 

@@ -1,0 +1,46 @@
+"""Shared fixtures: small images made on the fly and a quickly trained detector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomaly_dask import AnomalyDetector
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "example_dataset"
+
+#: Fast settings for tests that check mechanics, not quality: random weights, few clusters.
+FAST = dict(weights=None, kmeans_clusters=8, kmeans_trials=2, random_state=0, verbose=0)
+
+
+def texture(height: int, width: int, seed: int, channels: int = 3) -> np.ndarray:
+    """A random-blob texture, uint8 (H, W, channels)."""
+    rng = np.random.default_rng(seed)
+    small = rng.random((height // 8 + 2, width // 8 + 2, channels))
+    big = np.kron(small, np.ones((8, 8, 1)))[:height, :width]
+    noise = rng.normal(0, 0.08, (height, width, channels))
+    return np.clip((big * 0.7 + 0.15 + noise) * 255, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def small_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ (2 images), val/ (1), test/ (1 with a bright square) of 96x112 RGB PNGs."""
+    root = tmp_path_factory.mktemp("small")
+    for sub, n, seed in (("train", 2, 0), ("val", 1, 10), ("test", 1, 20)):
+        (root / sub).mkdir()
+        for k in range(n):
+            img = texture(96, 112, seed + k)
+            if sub == "test":
+                img[40:70, 50:80] = 255
+            Image.fromarray(img).save(root / sub / f"{sub}{k}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fast_model(small_folder: Path) -> AnomalyDetector:
+    """A detector trained on ``small_folder`` with :data:`FAST` settings."""
+    return AnomalyDetector(**FAST).train(str(small_folder / "train"), str(small_folder / "val"))

@@ -1,0 +1,70 @@
+"""Tile grid and chunk geometry against brute-force references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anomaly_dask.grid import TileGrid, axis_chunks, chunk_windows, pixel_scores_from_tiles
+
+
+def brute_pixel_scores(tiles: np.ndarray, g: TileGrid) -> np.ndarray:
+    total = np.zeros((g.height, g.width))
+    count = np.zeros((g.height, g.width))
+    for i in range(g.n_rows):
+        for j in range(g.n_cols):
+            y, x = i * g.stride_h, j * g.stride_w
+            total[y : y + g.tile_h, x : x + g.tile_w] += tiles[i, j]
+            count[y : y + g.tile_h, x : x + g.tile_w] += 1
+    # pixels past the last tile take the nearest covered row / column
+    ly = (g.n_rows - 1) * g.stride_h + g.tile_h
+    lx = (g.n_cols - 1) * g.stride_w + g.tile_w
+    out = total / np.maximum(count, 1)
+    out[ly:, :] = out[ly - 1 : ly, :]
+    out[:, lx:] = out[:, lx - 1 : lx]
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape,tile,stride", [((37, 45), (8, 8), (2, 2)), ((67, 50), (16, 12), (8, 4)), ((32, 32), (32, 32), (8, 8)), ((41, 29), (9, 7), (3, 7))]
+)
+def test_pixel_scores_match_brute_force(shape, tile, stride):
+    g = TileGrid(*shape, *tile, *stride)
+    tiles = np.random.default_rng(0).random((g.n_rows, g.n_cols)).astype(np.float32)
+    ref = brute_pixel_scores(tiles, g)
+    got = pixel_scores_from_tiles(tiles, g, (0, 0), (0, shape[0], 0, shape[1]))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 24, 40])
+def test_chunked_pixel_scores_equal_whole(chunk):
+    g = TileGrid(83, 61, 16, 16, 4, 4)
+    tiles = np.random.default_rng(1).random((g.n_rows, g.n_cols)).astype(np.float32)
+    whole = pixel_scores_from_tiles(tiles, g, (0, 0), (0, g.height, 0, g.width))
+    out = np.full(whole.shape, np.nan, dtype=np.float32)
+    for row in chunk_windows(g, chunk):
+        for w in row:
+            (r0, r1), (c0, c1) = w.cover_rows, w.cover_cols
+            out[w.y0 : w.y1, w.x0 : w.x1] = pixel_scores_from_tiles(
+                tiles[r0:r1, c0:c1], g, (r0, c0), (w.y0, w.y1, w.x0, w.x1)
+            )
+    np.testing.assert_allclose(out, whole, rtol=1e-6)
+
+
+@pytest.mark.parametrize("length,chunk,stride,tile", [(100, 32, 8, 32), (33, 8, 8, 32), (1030, 512, 8, 32), (40, 16, 3, 5)])
+def test_axis_chunks_partition_and_own_tiles(length, chunk, stride, tile):
+    spans = axis_chunks(length, chunk, stride, tile)
+    assert spans[0][0] == 0 and spans[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(s % stride == 0 for s, _ in spans)
+    last_tile = ((length - tile) // stride) * stride
+    assert all(s <= last_tile and e - s >= min(tile, length) for s, e in spans)
+
+
+def test_owned_tiles_partition_the_grid():
+    g = TileGrid(150, 133, 32, 32, 8, 8)
+    owned = np.zeros((g.n_rows, g.n_cols), dtype=int)
+    for row in chunk_windows(g, 48):
+        for w in row:
+            owned[w.own_rows[0] : w.own_rows[1], w.own_cols[0] : w.own_cols[1]] += 1
+    assert (owned == 1).all()
