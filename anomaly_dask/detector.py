@@ -12,7 +12,7 @@ import fsspec
 import numpy as np
 
 from . import pipeline
-from .backbones import build_backbone, resolve_weights
+from .backbones import build_backbone, fold_batchnorm, resolve_weights
 from .dictionary import Dictionary, threshold_from_scores
 from .errors import ImageReadError, NotFittedError, ParameterError
 from .features import FeatureConfig
@@ -116,9 +116,10 @@ class AnomalyDetector:
         return str(dev)
 
     def _extractor(self, s: dict[str, Any]) -> pipeline.Extractor:
-        return pipeline.Extractor(
-            self.backbone_.to(self._device(s)), self._feature_config(s), self.intensity_
-        )
+        import torch
+
+        backbone = fold_batchnorm(self.backbone_).to(self._device(s), memory_format=torch.channels_last)
+        return pipeline.Extractor(backbone, self._feature_config(s), self.intensity_)
 
     # ------------------------------------------------------------------ training
     def _split(

@@ -46,7 +46,7 @@ class FeatureConfig:
 
     mode: str = "dense"
     upsample: int = 1
-    patch_size: int = 224
+    patch_size: int = 320
     batch_size: int = 1024
     context: int = 64
 
@@ -66,6 +66,10 @@ class FeatureConfig:
 def _normalise(pixels: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).permute(2, 0, 1)[None]
     return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _device(backbone: Backbone) -> torch.device:
+    return next(backbone.parameters()).device
 
 
 def dense_tile_features(
@@ -98,10 +102,11 @@ def dense_tile_features(
     -------
     ndarray of float32, shape (rows, cols, D)
     """
-    x = _normalise(pixels)
+    x = _normalise(pixels).to(_device(backbone))
     if upsample != 1:
         x = F.interpolate(x, scale_factor=upsample, mode="bilinear", align_corners=False)
-    maps = backbone.forward_dense(x)
+    # channels-last runs the depthwise and 1x1 convolutions about twice as fast on CPU
+    maps = backbone.forward_dense(x.contiguous(memory_format=torch.channels_last))
     finest = min(backbone.dense_strides)
     sizes = [
         v * upsample
@@ -121,7 +126,7 @@ def dense_tile_features(
     rows, cols = n_tiles
     feat = feat[:, :, oy : oy + (rows - 1) * sh + kh, ox : ox + (cols - 1) * sw + kw]
     pooled = F.avg_pool2d(feat, kernel_size=(kh, kw), stride=(sh, sw))
-    return pooled[0].permute(1, 2, 0).contiguous().numpy()
+    return pooled[0].permute(1, 2, 0).contiguous().cpu().numpy()
 
 
 def patch_tile_features(
@@ -130,7 +135,7 @@ def patch_tile_features(
     tile_offset: tuple[int, int],
     n_tiles: tuple[int, int],
     grid: TileGrid,
-    patch_size: int = 224,
+    patch_size: int = 320,
     batch_size: int = 1024,
 ) -> np.ndarray:
     """One full backbone pass per tile (bicubic resize to ``patch_size``), as in the paper.
@@ -155,7 +160,7 @@ def patch_tile_features(
         )
         batch = F.interpolate(batch, size=(patch_size, patch_size), mode="bicubic", align_corners=False)
         batch = (batch.clamp(0, 1) - IMAGENET_MEAN) / IMAGENET_STD
-        out.append(backbone.forward_pooled(batch))
+        out.append(backbone.forward_pooled(batch.to(_device(backbone))).cpu())
     return torch.cat(out).reshape(rows, cols, -1).numpy()
 
 

@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "weights": "imagenet",
     "layers": None,
     "upsample": 2,
-    "patch_size": 224,
+    "patch_size": 320,
     "chunk_size": 1024,
     "max_fit_tiles": 100_000,
     "random_state": None,

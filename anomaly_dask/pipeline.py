@@ -56,17 +56,18 @@ def plan_units(source: ImageSource, grid: TileGrid, chunk: int) -> list[Unit]:
 def local_client(client: Any | None, threads: int | None = None) -> Iterator[Any]:
     """Yield ``client``, or a LocalCluster client started (and closed) for the block.
 
-    Without a client an in-process cluster is used (one worker, threads sharing one copy of
-    the model); pass ``client=`` to run on any other Dask cluster.
+    Without a client an in-process cluster is used: one worker with ``threads`` task
+    threads (default 1) sharing one copy of the model, torch using the remaining cores
+    inside each task (measured faster on CPU than several single-threaded tasks). Pass
+    ``client=`` to run on any other Dask cluster.
     """
     if client is not None:
         yield client
         return
     from distributed import Client, LocalCluster
 
-    threads = threads or os.cpu_count() or 1
     with LocalCluster(
-        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=":0"
+        n_workers=1, threads_per_worker=threads or 1, processes=False, dashboard_address=":0"
     ) as cluster, Client(cluster) as own:
         yield own
 

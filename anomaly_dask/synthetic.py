@@ -67,7 +67,7 @@ _NOISE_FLOOR = 0.018  # electronic noise amplitude, everywhere on valid pixels
 _DISPLAY_KNEE = 0.85  # intensity mapped to mid-grey by the display curve I / (I + knee)
 _GEO_KEY_PROJECTED = 1
 _GEO_KEY_PIXEL_IS_AREA = 1
-_GEO_UNIT_METRE = 9001
+_BIGTIFF_BYTES = 2**31  # uncompressed size above which write_tiff writes a BigTIFF
 
 
 # --------------------------------------------------------------------------------------
@@ -502,7 +502,8 @@ class SonarScene:
     ripple_strength : float
         Relative contrast of the ripples (0 disables them).
     speckle_looks : float
-        Equivalent number of looks of the speckle (smaller is grainier).
+        Equivalent number of looks of each speckle sample (smaller is grainier); the samples
+        are then slightly correlated along track.
     object_size : tuple of float
         Range ``(min, max)`` of the target sizes (longest dimension), pixels.
     pixel_size : float
@@ -511,6 +512,17 @@ class SonarScene:
         Projected ``(easting, northing)`` of the top-left corner, metres.
     epsg : int
         EPSG code of the projected CRS (default: WGS 84 / UTM zone 31N).
+
+    Attributes
+    ----------
+    targets : tuple of SonarTarget
+        The anomalies, placed lazily (once) from the seed.
+
+    Examples
+    --------
+    >>> scene = SonarScene(20_000, 20_000, seed=3)
+    >>> tile = scene.render(4096, 5120, 8192, 9216)  # 1024 x 1024 uint8, nothing else rendered
+    >>> mask = scene.truth(4096, 5120, 8192, 9216)
     """
 
     height: int
@@ -543,7 +555,9 @@ class SonarScene:
             raise ParameterError("swath_halfwidth and line_spacing must be > 0")
         lo, hi = self.nadir_width
         if not 0 < lo <= hi < self.swath_halfwidth:
-            raise ParameterError(f"nadir_width must be 0 < min <= max < swath_halfwidth, got {self.nadir_width}")
+            raise ParameterError(
+                f"nadir_width must be 0 < min <= max < swath_halfwidth, got {self.nadir_width}"
+            )
         lo, hi = self.object_size
         if not 2 <= lo <= hi:
             raise ParameterError(f"object_size must be 2 <= min <= max, got {self.object_size}")
@@ -709,12 +723,13 @@ class SonarScene:
             n = max(3, round(self.height * self.width / 1.5e6))
         rng = self._rng("targets")
         placed: list[SonarTarget] = []
+        occupied: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
         lines = self._lines
         for _ in range(60 * n + 50):
             if len(placed) >= n or not lines:
                 break
             target = self._propose_target(rng, lines[rng.integers(len(lines))])
-            if target is not None and self._fits(target, placed):
+            if target is not None and self._fits(target, occupied):
                 placed.append(target)
         return tuple(placed)
 
@@ -748,21 +763,43 @@ class SonarScene:
         rr = np.flatnonzero(used.any(axis=1))
         cc = np.flatnonzero(used.any(axis=0))
         sl = (slice(rr[0], rr[-1] + 1), slice(cc[0], cc[-1] + 1))
-        return SonarTarget(kind, top + int(rr[0]), xc - half + int(cc[0]), body[sl], shadow[sl], line.index, side)
+        return SonarTarget(
+            kind, top + int(rr[0]), xc - half + int(cc[0]), body[sl], shadow[sl], line.index, side
+        )
 
-    def _fits(self, target: SonarTarget, placed: list[SonarTarget], margin: int = 4) -> bool:
-        """Whether a target lies on valid, non-nadir seabed of its own line and side, apart."""
+    def _fits(
+        self,
+        target: SonarTarget,
+        occupied: dict[tuple[int, int], list[tuple[int, int, int, int]]],
+        margin: int = 4,
+        cell: int = 256,
+    ) -> bool:
+        """Whether a target lies on valid, non-nadir seabed of its own line and side, apart.
+
+        ``occupied`` maps ``cell x cell`` blocks to the margin-padded boxes already placed
+        there; the target's box is added to it when it fits.
+        """
         y0, y1, x0, x1 = target.bbox
-        y0, y1, x0, x1 = y0 - margin, y1 + margin, x0 - margin, x1 + margin
+        box = (y0 - margin, y1 + margin, x0 - margin, x1 + margin)
+        y0, y1, x0, x1 = box
         if y0 < 0 or x0 < 0 or y1 > self.height or x1 > self.width:
             return False
-        for other in placed:
-            oy0, oy1, ox0, ox1 = other.bbox
-            if oy0 < y1 + margin and y0 - margin < oy1 and ox0 < x1 + margin and x0 - margin < ox1:
-                return False
+        cells = [
+            (cy, cx)
+            for cy in range(y0 // cell, (y1 - 1) // cell + 1)
+            for cx in range(x0 // cell, (x1 - 1) // cell + 1)
+        ]
+        for key in cells:
+            for oy0, oy1, ox0, ox1 in occupied.get(key, ()):
+                if oy0 < y1 and y0 < oy1 and ox0 < x1 and x0 < ox1:
+                    return False
         geo = self._geometry(np.arange(y0, y1), np.arange(x0, x1))
         ok = geo.valid & ~geo.nadir & (geo.line == target.line) & (geo.side == target.side)
-        return bool(ok.all())
+        if not ok.all():
+            return False
+        for key in cells:
+            occupied.setdefault(key, []).append(box)
+        return True
 
     @cached_property
     def _target_boxes(self) -> np.ndarray:
@@ -776,7 +813,9 @@ class SonarScene:
         return [self.targets[i] for i in np.flatnonzero(hit)]
 
     @staticmethod
-    def _overlap(target: SonarTarget, y0: int, y1: int, x0: int, x1: int) -> tuple[slice, slice, slice, slice]:
+    def _overlap(
+        target: SonarTarget, y0: int, y1: int, x0: int, x1: int
+    ) -> tuple[slice, slice, slice, slice]:
         """Slices ``(window rows, window cols, raster rows, raster cols)`` of the intersection."""
         ty0, ty1, tx0, tx1 = target.bbox
         a0, a1 = max(y0, ty0), min(y1, ty1)
@@ -897,6 +936,13 @@ def make_scene_array(height: int, width: int, seed: int = 0, **kw: Any) -> tuple
     return scene.render(0, height, 0, width), scene.truth(0, height, 0, width)
 
 
+def _tile_pixels(scene: SonarScene, kind: str, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Pixels (``kind="image"``) or uint8 0/255 truth (``kind="truth"``) of one window."""
+    if kind == "image":
+        return scene.render(*box)
+    return scene.truth(*box).astype(np.uint8) * np.uint8(255)
+
+
 def iter_tiles(
     scene: SonarScene,
     tile: int = 512,
@@ -914,7 +960,7 @@ def iter_tiles(
     kind : {"image", "truth"}
         Pixels (:attr:`SonarScene.dtype`, padded with nodata) or truth (uint8 0/255, padded 0).
     on_tile : callable, optional
-        Called as ``on_tile(y0, x0, pixels)`` with each unpadded tile.
+        Called as ``on_tile(y0, x0, pixels)`` with each unpadded tile, in order.
 
     Yields
     ------
@@ -923,18 +969,17 @@ def iter_tiles(
     """
     if tile < 1:
         raise ParameterError(f"tile must be >= 1, got {tile}")
+    if kind not in ("image", "truth"):
+        raise ParameterError(f"kind must be 'image' or 'truth', got {kind!r}")
+    pad_value = scene.nodata if kind == "image" else 0
     for y0 in range(0, scene.height, tile):
         y1 = min(y0 + tile, scene.height)
         for x0 in range(0, scene.width, tile):
             x1 = min(x0 + tile, scene.width)
             if kind == "image":
                 pixels = scene.render(y0, y1, x0, x1)
-                pad_value = scene.nodata
-            elif kind == "truth":
-                pixels = scene.truth(y0, y1, x0, x1).astype(np.uint8) * np.uint8(255)
-                pad_value = 0
             else:
-                raise ParameterError(f"kind must be 'image' or 'truth', got {kind!r}")
+                pixels = scene.truth(y0, y1, x0, x1).astype(np.uint8) * np.uint8(255)
             if on_tile is not None:
                 on_tile(y0, x0, pixels)
             full = np.full((tile, tile), pad_value, dtype=pixels.dtype)
@@ -991,7 +1036,7 @@ def write_tiff(
 
     Notes
     -----
-    A BigTIFF is written when the uncompressed pixels exceed 2 GiB. The georeference is a
+    A BigTIFF is written when the uncompressed pixels exceed 2 GiB (``_BIGTIFF_BYTES``). The georeference is a
     ModelPixelScale / ModelTiepoint pair with a GeoKey directory naming ``scene.epsg``.
     """
     import tifffile
@@ -999,7 +1044,7 @@ def write_tiff(
     if tile < 16 or tile % 16:
         raise ParameterError(f"tile must be a positive multiple of 16, got {tile}")
     dtype = np.dtype(scene.dtype if kind == "image" else np.uint8)
-    bigtiff = scene.height * scene.width * dtype.itemsize > 2**31
+    bigtiff = scene.height * scene.width * dtype.itemsize > _BIGTIFF_BYTES
     tags = _geotiff_tags(scene)
     if kind == "image":
         tags.append((42113, "s", 0, str(int(scene.nodata)), True))
