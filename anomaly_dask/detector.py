@@ -119,7 +119,7 @@ class AnomalyDetector:
         import torch
 
         backbone = fold_batchnorm(self.backbone_).to(self._device(s), memory_format=torch.channels_last)
-        return pipeline.Extractor(backbone, self._feature_config(s), self.intensity_)
+        return pipeline.Extractor(backbone, self._feature_config(s), self.intensity_, s["nodata"])
 
     # ------------------------------------------------------------------ training
     def _split(
@@ -165,7 +165,10 @@ class AnomalyDetector:
                     y = int(rng.integers(0, src.height - h + 1))
                     x = int(rng.integers(0, src.width - w + 1))
                     samples.append(src.read(y, y + h, x, x + w)[::4, ::4])
-        return fit_intensity(sources, samples)
+        nodata = self.nodata if self.nodata is not None else next(
+            (src.nodata for src in sources if src.nodata is not None), None
+        )
+        return fit_intensity(sources, samples, nodata)
 
     def train(self, train: Any, val: Any = None) -> AnomalyDetector:
         """Learn normal appearance from anomaly-free images.
@@ -190,6 +193,13 @@ class AnomalyDetector:
             seed = int(np.random.SeedSequence().entropy % (2**31))
         rng = np.random.default_rng(seed)
         train_units, val_units, train_sources = self._split(train, val, s, rng)
+        budget = s["max_train_chunks"]
+        if len(train_units) > budget:
+            log.info("training on a random %d of %d chunks (max_train_chunks)", budget, len(train_units))
+            train_units = [train_units[i] for i in np.sort(rng.choice(len(train_units), budget, replace=False))]
+        if len(val_units) > max(8, budget // 4):
+            keep = max(8, budget // 4)
+            val_units = [val_units[i] for i in np.sort(rng.choice(len(val_units), keep, replace=False))]
         self.intensity_ = self._fit_intensity(train_sources, rng)
         weights_id, state = resolve_weights(s["backbone"], s["weights"])
         self.backbone_ = build_backbone(

@@ -24,6 +24,7 @@ __all__ = [
     "axis_chunks",
     "chunk_windows",
     "pixel_scores_from_tiles",
+    "tile_fractions",
 ]
 
 
@@ -173,11 +174,46 @@ def _axis_tile_span(p0: int, p1: int, tile: int, stride: int, n: int) -> tuple[n
     return np.minimum(lo, hi), hi
 
 
+def _prefix2(a: np.ndarray) -> np.ndarray:
+    out = np.zeros((a.shape[0] + 1, a.shape[1] + 1), dtype=np.float64)
+    out[1:, 1:] = np.cumsum(np.cumsum(a, axis=0, dtype=np.float64), axis=1)
+    return out
+
+
+def tile_fractions(
+    valid: np.ndarray, tile_offset: tuple[int, int], n_tiles: tuple[int, int], grid: TileGrid
+) -> np.ndarray:
+    """Fraction of valid pixels in each tile of a window.
+
+    Parameters
+    ----------
+    valid : ndarray of bool, shape (h, w)
+        Valid (not no-data) pixels of the window.
+    tile_offset : (int, int)
+        Position in the window of the first tile's top-left corner.
+    n_tiles : (int, int)
+        Tile rows and columns.
+    grid : TileGrid
+        Tile size and stride.
+
+    Returns
+    -------
+    ndarray of float32, shape n_tiles
+    """
+    p = _prefix2(valid)
+    ys = tile_offset[0] + grid.stride_h * np.arange(n_tiles[0])
+    xs = tile_offset[1] + grid.stride_w * np.arange(n_tiles[1])
+    ye, xe = ys + grid.tile_h, xs + grid.tile_w
+    total = p[np.ix_(ye, xe)] - p[np.ix_(ys, xe)] - p[np.ix_(ye, xs)] + p[np.ix_(ys, xs)]
+    return (total / (grid.tile_h * grid.tile_w)).astype(np.float32)
+
+
 def pixel_scores_from_tiles(
     tile_scores: np.ndarray,
     grid: TileGrid,
     tile_origin: tuple[int, int],
     pixels: tuple[int, int, int, int],
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Average tile scores onto pixels.
 
@@ -192,11 +228,14 @@ def pixel_scores_from_tiles(
         Global index of ``tile_scores[0, 0]``.
     pixels : (y0, y1, x0, x1)
         Pixel rectangle to score.
+    weights : ndarray, shape (r, c), optional
+        Tile weights (e.g. 0 for tiles mostly in no-data); a pixel whose covering tiles all
+        weigh 0 takes their plain mean.
 
     Returns
     -------
     ndarray of float32, shape (y1 - y0, x1 - x0)
-        Mean score of the tiles covering each pixel.
+        (Weighted) mean score of the tiles covering each pixel.
     """
     y0, y1, x0, x1 = pixels
     a, b = _axis_tile_span(y0, y1, grid.tile_h, grid.stride_h, grid.n_rows)
@@ -206,16 +245,17 @@ def pixel_scores_from_tiles(
     r, k = tile_scores.shape
     if a.min() < 0 or b.max() >= r or c.min() < 0 or d.max() >= k:
         raise ValueError("tile_scores does not cover the requested pixels")
-    prefix = np.zeros((r + 1, k + 1), dtype=np.float64)
-    prefix[1:, 1:] = np.cumsum(np.cumsum(tile_scores, axis=0, dtype=np.float64), axis=1)
-    total = (
-        prefix[np.ix_(b + 1, d + 1)]
-        - prefix[np.ix_(a, d + 1)]
-        - prefix[np.ix_(b + 1, c)]
-        + prefix[np.ix_(a, c)]
-    )
-    count = np.outer(b - a + 1, d - c + 1)
-    return (total / count).astype(np.float32)
+
+    def box(values: np.ndarray) -> np.ndarray:
+        p = _prefix2(values)
+        return p[np.ix_(b + 1, d + 1)] - p[np.ix_(a, d + 1)] - p[np.ix_(b + 1, c)] + p[np.ix_(a, c)]
+
+    plain = box(tile_scores) / np.outer(b - a + 1, d - c + 1)
+    if weights is None:
+        return plain.astype(np.float32)
+    wsum = box(weights)
+    weighted = box(tile_scores * weights) / np.where(wsum > 0, wsum, 1.0)
+    return np.where(wsum > 1e-9, weighted, plain).astype(np.float32)
 
 
 def lattice_floor(value: int, step: int) -> int:

@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "patch_size": 320,
     "chunk_size": 1024,
     "max_fit_tiles": 100_000,
+    "max_train_chunks": 256,
+    "nodata": None,
     "random_state": None,
     "client": None,
     "storage_options": None,
@@ -154,6 +156,9 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
                 f"{out[f'tile_{axis}']}; use a chunk of at least one tile"
             )
     out["max_fit_tiles"] = _int("max_fit_tiles", p["max_fit_tiles"], 2)
+    out["max_train_chunks"] = _int("max_train_chunks", p["max_train_chunks"], 1)
+    if p["nodata"] is not None:
+        out["nodata"] = _real("nodata", p["nodata"], float("-inf"), float("inf"), False, False) if p["nodata"] == p["nodata"] else float("nan")
     seed = p["random_state"] if p["random_state"] is not None else p["kmeans_random"]
     out["random_state"] = None if seed is None else _int("random_state", seed, 0)
     out["kmeans_random"] = out["random_state"]

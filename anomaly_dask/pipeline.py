@@ -22,8 +22,15 @@ import numpy as np
 
 from .dictionary import Dictionary, fit_projection, init_kmeans
 from .features import FeatureConfig, tile_features
-from .grid import TileGrid, Window, chunk_windows, lattice_floor, pixel_scores_from_tiles
-from .sources import ImageSource, Intensity, read_window, to_unit_rgb
+from .grid import (
+    TileGrid,
+    Window,
+    chunk_windows,
+    lattice_floor,
+    pixel_scores_from_tiles,
+    tile_fractions,
+)
+from .sources import ImageSource, Intensity, read_window, to_unit_rgb, valid_pixels
 
 __all__ = [
     "Extractor",
@@ -101,27 +108,79 @@ class Extractor:
     """Backbone, feature configuration and intensity map: pixels of a unit to tile features.
 
     Scattered to the cluster once per job; tasks receive its future.
+
+    Attributes
+    ----------
+    nodata : float, optional
+        No-data value overriding each image's own (NaN is always no-data).
+    min_valid : float
+        Tiles with a smaller fraction of valid pixels are left out of training and
+        validation, and weigh nothing in a valid pixel's score.
     """
 
     backbone: Any
     config: FeatureConfig
     intensity: Intensity
+    nodata: float | None = None
+    min_valid: float = 0.5
 
-    def features(self, unit: Unit, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
-        """Features (r, c, D) of tiles ``rows x cols`` of the unit's image."""
-        _set_torch_threads()
+    def _read(
+        self, unit: Unit, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int]]:
         g = unit.grid
         lattice, halo = self.config.lattice(self.backbone), self.config.halo(self.backbone)
         y0, y1, oy = _axis_window(*rows, g.stride_h, g.tile_h, halo, lattice)
         x0, x1, ox = _axis_window(*cols, g.stride_w, g.tile_w, halo, lattice)
-        pixels = to_unit_rgb(read_window(unit.source, y0, y1, x0, x1), self.intensity)
+        return read_window(unit.source, y0, y1, x0, x1), (y0, y1, x0, x1), (oy, ox)
+
+    def features(
+        self, unit: Unit, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, tuple[int, int]]:
+        """Features of tiles ``rows x cols`` of the unit's image.
+
+        Returns
+        -------
+        features : ndarray (r, c, D)
+        valid_fraction : ndarray (r, c) or None
+            Share of valid pixels per tile; None when the window holds no no-data.
+        raw : ndarray (h, w, channels)
+            The raw window read (chunk plus halo).
+        origin : (int, int)
+            Image position of ``raw[0, 0]``.
+        """
+        _set_torch_threads()
+        raw, (y0, _, x0, _), offset = self._read(unit, rows, cols)
         n = (rows[1] - rows[0], cols[1] - cols[0])
-        return tile_features(self.backbone, self.config, pixels, (oy, ox), n, g)
+        pixels = to_unit_rgb(raw, self.intensity)
+        feats = tile_features(self.backbone, self.config, pixels, offset, n, unit.grid)
+        valid = valid_pixels(raw, self.nodata if self.nodata is not None else unit.source.nodata)
+        fraction = None if valid is None else tile_fractions(valid, offset, n, unit.grid)
+        return feats, fraction, raw, (y0, x0)
 
     def owned(self, unit: Unit) -> np.ndarray:
-        """Features (n, D) of the tiles a unit owns."""
-        f = self.features(unit, unit.window.own_rows, unit.window.own_cols)
-        return f.reshape(-1, f.shape[-1])
+        """Features (n, D) of the tiles a unit owns, less those mostly in no-data."""
+        f, fraction, _, _ = self.features(unit, unit.window.own_rows, unit.window.own_cols)
+        f = f.reshape(-1, f.shape[-1])
+        if fraction is not None:
+            f = f[fraction.ravel() >= self.min_valid]
+        return f
+
+    def pixel_scores(
+        self, unit: Unit, dictionary: Dictionary, n_neighbors: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel scores of a unit's chunk (NaN on no-data) and its raw pixels."""
+        w = unit.window
+        f, fraction, raw, (oy, ox) = self.features(unit, w.cover_rows, w.cover_cols)
+        tiles = dictionary.score(f, n_neighbors)
+        weights = None if fraction is None else (fraction >= self.min_valid).astype(np.float32)
+        scores = pixel_scores_from_tiles(
+            tiles, unit.grid, (w.cover_rows[0], w.cover_cols[0]), (w.y0, w.y1, w.x0, w.x1), weights
+        )
+        chunk_raw = raw[w.y0 - oy : w.y1 - oy, w.x0 - ox : w.x1 - ox]
+        valid = valid_pixels(chunk_raw, self.nodata if self.nodata is not None else unit.source.nodata)
+        if valid is not None:
+            scores[~valid] = np.nan
+        return scores, chunk_raw
 
 
 def _subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -148,11 +207,7 @@ def _tile_score_task(
 def _pixel_score_task(
     extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int
 ) -> np.ndarray:
-    w = unit.window
-    tiles = dictionary.score(extractor.features(unit, w.cover_rows, w.cover_cols), n_neighbors)
-    return pixel_scores_from_tiles(
-        tiles, unit.grid, (w.cover_rows[0], w.cover_cols[0]), (w.y0, w.y1, w.x0, w.x1)
-    )
+    return extractor.pixel_scores(unit, dictionary, n_neighbors)[0]
 
 
 def _stream(client: Any, fn: Any, jobs: Iterable[tuple], limit: int) -> Iterator[Any]:

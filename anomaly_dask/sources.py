@@ -31,6 +31,7 @@ __all__ = [
     "open_source",
     "read_window",
     "to_unit_rgb",
+    "valid_pixels",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -76,8 +77,15 @@ def list_images(path: str, storage_options: dict[str, Any] | None = None) -> lis
         )
     if not fs.isdir(fpath):
         return [path]
-    files = sorted(fs.find(fpath))
-    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if fpath.rstrip("/").endswith(".zarr"):
+        return [path]
+    found = fs.find(fpath, withdirs=True, detail=True)
+    stores = sorted(f.rstrip("/") for f, info in found.items() if info["type"] == "directory" and f.rstrip("/").endswith(".zarr"))
+    files = sorted(
+        f for f, info in found.items()
+        if info["type"] != "directory" and not any(f.startswith(z + "/") for z in stores)
+    )
+    images = stores + [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
     others = [f for f in files if f not in images]
     for f in others:
         warnings.warn(f"skipping {f!r}: not an image file ({', '.join(IMAGE_EXTENSIONS)})", stacklevel=2)
@@ -125,6 +133,7 @@ class ImageSource:
     width: int
     channels: int
     dtype: np.dtype
+    nodata: float | None = None
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Raw pixels of ``[y0, y1) x [x0, x1)`` (inside the image), shape (h, w, channels)."""
@@ -247,10 +256,14 @@ def _check_array(arr: np.ndarray, name: str) -> np.ndarray:
 def open_source(image: str | np.ndarray, storage_options: dict[str, Any] | None = None) -> ImageSource:
     """Open one image lazily.
 
+    TIFF / BigTIFF / GeoTIFF files and zarr arrays are read window by window
+    (:mod:`anomaly_dask.rasters`); other image files are decoded whole by Pillow.
+
     Parameters
     ----------
     image : str or ndarray
-        A path/URL of an image file, or an array (H, W) or (H, W, C) with C in 1, 3, 4.
+        A path/URL of an image file or zarr array, or an array (H, W) or (H, W, C) with C
+        in 1, 3, 4.
     storage_options : dict, optional
         Passed to fsspec.
 
@@ -262,6 +275,12 @@ def open_source(image: str | np.ndarray, storage_options: dict[str, Any] | None 
     if isinstance(image, np.ndarray):
         return ArraySource(_check_array(image, "array"))
     url = str(image)
+    from .rasters import is_raster, open_raster  # rasters imports this module
+
+    if is_raster(url, storage_options):
+        raster = open_raster(url, storage_options)
+        if raster is not None:
+            return raster
     key = tuple(sorted((storage_options or {}).items()))
     raw = _decode(url, key)
     return PILSource(url, raw.shape[0], raw.shape[1], raw.shape[2], raw.dtype, key)
@@ -278,11 +297,32 @@ def read_window(source: ImageSource, y0: int, y1: int, x0: int, x1: int) -> np.n
     return raw
 
 
+def valid_pixels(raw: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    """Pixels that hold data: not NaN (floats) and not ``nodata`` in every band.
+
+    Returns
+    -------
+    ndarray of bool (h, w), or None when every pixel is valid (the common case, cheap).
+    """
+    invalid = None
+    if np.issubdtype(raw.dtype, np.floating):
+        invalid = np.isnan(raw).any(axis=2)
+    if nodata is not None and not np.isnan(nodata):
+        hit = (raw == np.asarray(nodata).astype(raw.dtype)).all(axis=2)
+        invalid = hit if invalid is None else invalid | hit
+    if invalid is None or not invalid.any():
+        return None
+    return ~invalid
+
+
 def to_unit_rgb(raw: np.ndarray, intensity: Intensity) -> np.ndarray:
-    """Map raw pixels (h, w, 1 or 3) to float32 RGB in ``[0, 1]`` as the model sees them."""
+    """Map raw pixels (h, w, 1 or 3) to float32 RGB in ``[0, 1]`` as the model sees them.
+
+    NaN becomes 0.
+    """
     x = raw.astype(np.float32)
     scale = 1.0 / max(intensity.high - intensity.low, 1e-12)
-    x = np.clip((x - intensity.low) * scale, 0.0, 1.0)
+    x = np.nan_to_num(np.clip((x - intensity.low) * scale, 0.0, 1.0), nan=0.0)
     if intensity.gray and x.shape[2] == 3:
         x = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[:, :, None]
     if x.shape[2] == 1:
@@ -290,7 +330,9 @@ def to_unit_rgb(raw: np.ndarray, intensity: Intensity) -> np.ndarray:
     return x
 
 
-def fit_intensity(sources: Sequence[ImageSource], samples: Sequence[np.ndarray]) -> Intensity:
+def fit_intensity(
+    sources: Sequence[ImageSource], samples: Sequence[np.ndarray], nodata: float | None = None
+) -> Intensity:
     """Choose the intensity map for a training set.
 
     Parameters
@@ -299,6 +341,8 @@ def fit_intensity(sources: Sequence[ImageSource], samples: Sequence[np.ndarray])
         Training images.
     samples : sequence of ndarray
         Raw pixel samples from them (used unless every image is 8-bit).
+    nodata : float, optional
+        Value excluded from the percentiles (NaN always is).
 
     Returns
     -------
@@ -311,6 +355,8 @@ def fit_intensity(sources: Sequence[ImageSource], samples: Sequence[np.ndarray])
         return Intensity(0.0, 255.0, gray)
     values = np.concatenate([np.asarray(s, dtype=np.float64).ravel() for s in samples])
     values = values[np.isfinite(values)]
+    if nodata is not None and not np.isnan(nodata):
+        values = values[values != nodata]
     if values.size == 0:
         raise ImageReadError("training images hold no finite pixel values")
     low, high = np.percentile(values, [0.5, 99.5])

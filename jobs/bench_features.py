@@ -6,7 +6,10 @@ training speed is not measured here. Prints both rates and their ratio from one 
 
 Usage::
 
-    python jobs/bench_features.py [--image example_dataset/test/test1.png] [--backbone NAME]
+    python jobs/bench_features.py [--image PATH] [--backbones resnet18,efficientnet_lite0]
+
+Speed does not depend on the weights' values, so a backbone whose pretrained weights are not
+on this machine is timed with random weights (said in the output).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anomaly_dask import AnomalyDetector
+from anomaly_dask import AnomalyDetector, WeightsNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,21 +40,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", type=Path, default=ROOT / "example_dataset/test/test1.png")
     p.add_argument("--train", type=Path, default=ROOT / "example_dataset/train/train1.png")
-    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--backbones", default="resnet18,efficientnet_lite0")
     p.add_argument("--patch-crop", type=int, default=256, help="patch mode scores this crop of the image")
     args = p.parse_args()
     image = np.asarray(Image.open(args.image).convert("RGB"))
     train = np.asarray(Image.open(args.train).convert("RGB"))
-    common = dict(backbone=args.backbone, random_state=0, verbose=0, kmeans_clusters=10)
-    dense = AnomalyDetector(**common).train(train[:256], train[256:])
-    patch = AnomalyDetector(features="patch", **common).train(train[:64, :128], train[64:128, :128])
-    d_rate, d_s = rate(dense, image)
     crop = image[: args.patch_crop, : args.patch_crop]
-    p_rate, p_s = rate(patch, crop)
-    print(f"image {args.image.name} {image.shape[1]}x{image.shape[0]}, backbone {args.backbone}")
-    print(f"dense: {d_rate:12.0f} px/s ({d_s:.2f} s for {image.shape[0] * image.shape[1]} px, upsample {dense.upsample})")
-    print(f"patch: {p_rate:12.0f} px/s ({p_s:.2f} s for {crop.shape[0] * crop.shape[1]} px, tiles at {patch.patch_size} px)")
-    print(f"dense / patch speed ratio: {d_rate / p_rate:.0f}x")
+    print(f"image {args.image.name} {image.shape[1]}x{image.shape[0]}; patch mode on its top-left {crop.shape[1]}x{crop.shape[0]}")
+    for backbone in args.backbones.split(","):
+        common = dict(backbone=backbone, random_state=0, verbose=0, kmeans_clusters=10)
+        try:
+            dense = AnomalyDetector(**common).train(train[:256], train[256:])
+        except WeightsNotFoundError:
+            common["weights"] = None
+            dense = AnomalyDetector(**common).train(train[:256], train[256:])
+        patch = AnomalyDetector(features="patch", **common).train(train[:64, :128], train[64:128, :128])
+        d_rate, d_s = rate(dense, image)
+        p_rate, p_s = rate(patch, crop)
+        print(f"{backbone} (weights={dense.weights_id_}):")
+        print(f"  dense: {d_rate:10.0f} px/s ({d_s:.2f} s, upsample {dense.upsample}, layers {','.join(dense.backbone_.dense_stages)})")
+        print(f"  patch: {p_rate:10.0f} px/s ({p_s:.2f} s, each tile resized to {patch.patch_size} px)")
+        print(f"  dense / patch speed ratio: {d_rate / p_rate:.0f}x", flush=True)
 
 
 if __name__ == "__main__":
