@@ -331,6 +331,159 @@ class AnomalyDetector:
                 )
         return results
 
+    def _content_fingerprint(self) -> str:
+        """sha256 of the model's content (as :meth:`save` would record it)."""
+        if getattr(self, "fingerprint_", None):
+            return self.fingerprint_
+        import json
+
+        from .model_file import fingerprint
+
+        tensors = self._tensors()
+        return fingerprint(json.dumps(self._config(), sort_keys=True), tensors)
+
+    def detect(
+        self,
+        image: Any,
+        output: str,
+        *,
+        png_tiles: bool = False,
+        quicklook: bool = True,
+        geotiff: str | tuple[str, ...] | None = None,
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Score a (very large) image chunk by chunk into a zarr store, resumably.
+
+        Parameters
+        ----------
+        image : str or ndarray
+            TIFF / BigTIFF / GeoTIFF, zarr array, ordinary image file (any fsspec URL), or
+            an array. Read window by window; never loaded whole (except Pillow formats).
+        output : str
+            URL of the zarr v3 group to write: arrays ``score`` (float32, NaN on no-data),
+            ``mask`` (uint8 0/255) and ``overlay`` (RGB uint8), chunked like the processing;
+            attributes hold threshold, model fingerprint, parameters and georeference.
+        png_tiles : bool
+            Also write overlay PNG tiles under ``<output>/png/overlay/<row>/<col>.png``.
+        quicklook : bool
+            Also write ``<output>/quicklook.png``, the whole overlay at most 2048 px a side.
+        geotiff : {"mask", "score"} or tuple of them, optional
+            Also write ``<output>/<name>.tif`` with the input's georeference.
+        overwrite : bool
+            Replace a store at ``output`` written by a different model or parameters
+            (otherwise refused). A store of the same run is resumed: chunks already
+            completed are skipped.
+        storage_options : dict, optional
+            fsspec options for input and output (defaults to the detector's).
+
+        Returns
+        -------
+        dict
+            Summary: ``output``, ``height``, ``width``, ``chunks``, ``computed_chunks``,
+            ``valid_pixels``, ``anomalous_pixels``, ``anomalous_fraction``, ``max_score``,
+            ``seconds``, ``megapixels_per_second``, ``threshold``, ``run_id`` and the paths of
+            extra outputs.
+        """
+        import hashlib
+        import json
+
+        from . import store as out_store
+        from .grid import regular_windows
+
+        self._check_fitted()
+        s = self._settings()
+        if storage_options is not None:
+            s["storage_options"] = storage_options
+        so = s["storage_options"]
+        names = (geotiff,) if isinstance(geotiff, str) else tuple(geotiff or ())
+        bad = [n for n in names if n not in ("mask", "score")]
+        if bad:
+            raise ParameterError(f"geotiff={geotiff!r}: choose 'mask' and/or 'score'")
+        t0 = time.perf_counter()
+        source, grid = self._open(image, s)
+        chunk = s["chunk_size"]
+        georef = getattr(source, "georef", None)
+        identity = {
+            "model": self._content_fingerprint(),
+            "input": source.name, "shape": [source.height, source.width],
+            "chunk": chunk, "nodata": s["nodata"],
+        }
+        run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+        attrs = {
+            "threshold": self.threshold_, "model_fingerprint": identity["model"],
+            "params": saved_params(s), "input": source.name, "georef": georef,
+            "nodata": source.nodata if s["nodata"] is None else s["nodata"],
+        }
+        store = out_store.OutputStore.create(
+            output, source.height, source.width, chunk, run_id, json.loads(json.dumps(attrs, default=str)),
+            storage_options=so, overwrite=overwrite,
+        )
+        done = store.done_chunks()
+        windows = regular_windows(grid, chunk)
+        jobs = [
+            (pipeline.Unit(source, grid, w), (iy, ix))
+            for iy, row in enumerate(windows) for ix, w in enumerate(row) if (iy, ix) not in done
+        ]
+        total = sum(len(r) for r in windows)
+        log.info("%s: %d x %d px, %d chunks (%d already done) -> %s",
+                 source.name, source.height, source.width, total, total - len(jobs), output)
+        rendering = pipeline.Rendering(
+            self.threshold_, s["overlay_color"], s["overlay_opacity"], s["kmeans_neighbors"]
+        )
+
+        def progress(k: int, n: int) -> None:
+            el = time.perf_counter() - t0
+            if k == n or k % max(1, n // 20) == 0:
+                log.info("chunks %d/%d, %.0f s elapsed, ETA %.0f s", k, n, el, el / k * (n - k))
+
+        with pipeline.local_client(s["client"]) as client:
+            extractor = client.scatter(self._extractor(s), broadcast=False)
+            dictionary = client.scatter(self.dictionary_, broadcast=False)
+            stats = pipeline.detect_chunks(client, extractor, dictionary, jobs, store, rendering, progress)
+        # Statistics over every chunk, including those done by an earlier, interrupted run.
+        mask_arr = store.read("mask")
+        score_arr = store.read("score")
+        valid = anomalous = 0
+        max_score = float("-inf")
+        for row in windows:
+            for w in row:
+                sc = score_arr[w.y0 : w.y1, w.x0 : w.x1]
+                fin = np.isfinite(sc)
+                valid += int(fin.sum())
+                anomalous += int((mask_arr[w.y0 : w.y1, w.x0 : w.x1] > 0).sum())
+                if fin.any():
+                    max_score = max(max_score, float(sc[fin].max()))
+        seconds = time.perf_counter() - t0
+        summary = {
+            "output": str(output), "height": source.height, "width": source.width,
+            "chunks": total, "computed_chunks": len(stats), "valid_pixels": valid,
+            "anomalous_pixels": anomalous, "anomalous_fraction": anomalous / max(valid, 1),
+            "max_score": max_score if valid else None, "threshold": self.threshold_,
+            "seconds": seconds,
+            "megapixels_per_second": sum(u.window.shape[0] * u.window.shape[1] for u, _ in jobs) / 1e6 / seconds,
+            "run_id": run_id,
+        }
+        base = str(output).rstrip("/")
+        if png_tiles:
+            summary["png_tiles"] = len(out_store.write_png_tiles(store, "overlay"))
+        if quicklook:
+            out_store.write_quicklook(store, f"{base}/quicklook.png")
+            summary["quicklook"] = f"{base}/quicklook.png"
+        for name in names:
+            out_store.write_geotiff(
+                store, f"{base}/{name}.tif", name, georef=_store_georef(georef),
+                nodata=0 if name == "mask" else float("nan"),
+            )
+            summary[f"geotiff_{name}"] = f"{base}/{name}.tif"
+        store.finalize(summary)
+        log.info(
+            "%s: %d anomalous pixels (%.3f%% of valid), %.1f s, %.2f Mpx/s",
+            source.name, anomalous, 100 * summary["anomalous_fraction"], seconds,
+            summary["megapixels_per_second"],
+        )
+        return summary
+
     # ------------------------------------------------------------------ persistence
     def _config(self) -> dict[str, Any]:
         import torch
@@ -344,6 +497,13 @@ class AnomalyDetector:
             "random_state": self.random_state_,
             "versions": {"anomaly_dask": _pkg_version("anomaly_dask") if _has_dist() else "dev", "torch": torch.__version__},
         }
+
+    def _tensors(self) -> dict[str, np.ndarray]:
+        tensors = {f"dictionary.{k}": v for k, v in self.dictionary_.arrays().items()}
+        tensors.update(
+            {f"backbone.{k}": v.detach().cpu().numpy() for k, v in self.backbone_.state_dict().items()}
+        )
+        return tensors
 
     def save(self, path: str, storage_options: dict[str, Any] | None = None) -> str:
         """Write the trained model to one self-contained safetensors file.
@@ -361,11 +521,9 @@ class AnomalyDetector:
             The model's fingerprint (sha256 of its content).
         """
         self._check_fitted()
-        tensors = {f"dictionary.{k}": v for k, v in self.dictionary_.arrays().items()}
-        tensors.update(
-            {f"backbone.{k}": v.detach().cpu().numpy() for k, v in self.backbone_.state_dict().items()}
+        self.fingerprint_ = write_model(
+            path, self._config(), self._tensors(), storage_options or self.storage_options
         )
-        self.fingerprint_ = write_model(path, self._config(), tensors, storage_options or self.storage_options)
         return self.fingerprint_
 
     @classmethod
@@ -419,3 +577,20 @@ def _has_dist() -> bool:
     except Exception:  # noqa: BLE001
         return False
 
+
+
+def _store_georef(georef: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The input's georeference in the form :func:`anomaly_dask.store.write_geotiff` takes."""
+    if not georef:
+        return None
+    out = {"transform": georef.get("transform"), "crs_epsg": georef.get("crs_epsg")}
+    raw = georef.get("geokeys") or {}
+    names = {
+        "GeoKeyDirectoryTag": "geokeys", "GeoDoubleParamsTag": "geo_double_params",
+        "GeoAsciiParamsTag": "geo_ascii_params", "ModelPixelScaleTag": "model_pixel_scale",
+        "ModelTiepointTag": "model_tiepoint", "ModelTransformationTag": "model_transformation",
+    }
+    for key, value in raw.items():
+        if key in names and value is not None:
+            out[names[key]] = value
+    return out

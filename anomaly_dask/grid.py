@@ -24,6 +24,7 @@ __all__ = [
     "axis_chunks",
     "chunk_windows",
     "pixel_scores_from_tiles",
+    "regular_windows",
     "tile_fractions",
 ]
 
@@ -164,6 +165,30 @@ def chunk_windows(grid: TileGrid, chunk: int) -> list[list[Window]]:
             )
         rows.append(row)
     return rows
+
+
+def regular_windows(grid: TileGrid, chunk: int) -> list[list[Window]]:
+    """Windows on a regular grid of ``chunk`` px (the last row/column holds the remainder).
+
+    Matches the chunks of an output store; used for scoring only (a window past the last
+    tile owns no tile but is still covered by the nearest ones).
+    """
+
+    def spans(length: int) -> list[tuple[int, int]]:
+        return [(a, min(a + chunk, length)) for a in range(0, length, chunk)]
+
+    return [
+        [
+            Window(
+                y0, y1, x0, x1,
+                own_rows=(0, 0), own_cols=(0, 0),
+                cover_rows=_cover_range(y0, y1, grid.tile_h, grid.stride_h, grid.n_rows),
+                cover_cols=_cover_range(x0, x1, grid.tile_w, grid.stride_w, grid.n_cols),
+            )
+            for x0, x1 in spans(grid.width)
+        ]
+        for y0, y1 in spans(grid.height)
+    ]
 
 
 def _axis_tile_span(p0: int, p1: int, tile: int, stride: int, n: int) -> tuple[np.ndarray, np.ndarray]:

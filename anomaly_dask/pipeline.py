@@ -30,10 +30,13 @@ from .grid import (
     pixel_scores_from_tiles,
     tile_fractions,
 )
+from .outputs import display_rgb, overlay_image
 from .sources import ImageSource, Intensity, read_window, to_unit_rgb, valid_pixels
 
 __all__ = [
     "Extractor",
+    "Rendering",
+    "detect_chunks",
     "Unit",
     "local_client",
     "plan_units",
@@ -208,6 +211,56 @@ def _pixel_score_task(
     extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int
 ) -> np.ndarray:
     return extractor.pixel_scores(unit, dictionary, n_neighbors)[0]
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How a chunk's scores become outputs: threshold and overlay look."""
+
+    threshold: float
+    color: tuple[int, int, int]
+    opacity: float
+    n_neighbors: int
+
+
+def _detect_task(
+    extractor: Extractor, dictionary: Dictionary, unit: Unit, store: Any, index: tuple[int, int],
+    rendering: Rendering,
+) -> dict[str, float]:
+    """Score one chunk, write score / mask / overlay to the store, return its statistics."""
+    scores, raw = extractor.pixel_scores(unit, dictionary, rendering.n_neighbors)
+    finite = np.isfinite(scores)
+    mask = np.where(finite & (scores >= rendering.threshold), 255, 0).astype(np.uint8)
+    rgb = display_rgb(to_unit_rgb(raw, extractor.intensity))
+    overlay = overlay_image(rgb, mask, rendering.color, rendering.opacity)
+    store.write_chunk(index[0], index[1], scores, mask, overlay)
+    return {
+        "valid": int(finite.sum()),
+        "anomalous": int((mask > 0).sum()),
+        "max": float(scores[finite].max()) if finite.any() else float("nan"),
+    }
+
+
+def detect_chunks(
+    client: Any,
+    extractor: Any,
+    dictionary: Any,
+    jobs: list[tuple[Unit, tuple[int, int]]],
+    store: Any,
+    rendering: Rendering,
+    progress: Any = None,
+) -> list[dict[str, float]]:
+    """Run :func:`_detect_task` for each (unit, chunk index), at most two per thread in flight.
+
+    ``progress(done, total)`` is called after each chunk.
+    """
+    out = []
+    args = [(extractor, dictionary, u, store, idx, rendering) for u, idx in jobs]
+    for k, stats in enumerate(_stream(client, _detect_task, args, _in_flight(client)), 1):
+        out.append(stats)
+        if progress is not None:
+            progress(k, len(jobs))
+    return out
 
 
 def _stream(client: Any, fn: Any, jobs: Iterable[tuple], limit: int) -> Iterator[Any]:

@@ -1,0 +1,411 @@
+"""Tests of the chunked output store and its exporters (local, memory://, moto S3)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import socket
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomaly_dask.errors import AnomalyDaskError, InputNotFoundError, ParameterError
+from anomaly_dask.store import (
+    OutputExistsError,
+    OutputIncompleteError,
+    OutputLocationError,
+    OutputStore,
+    georef_from_tiff,
+    write_geotiff,
+    write_png_tiles,
+    write_quicklook,
+)
+
+H, W, CHUNK = 203, 157, 64  # 4 x 3 chunks, the last row and column partial
+
+
+def chunk_data(store: OutputStore, iy: int, ix: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deterministic score/mask/overlay of a chunk: a function of absolute pixel coordinates."""
+    y0, y1, x0, x1 = store.chunk_bounds(iy, ix)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    score = (np.sin(yy * 0.07) * np.cos(xx * 0.05) + yy * 1e-3).astype(np.float32)
+    mask = np.where(score > 0.5, 255, 0).astype(np.uint8)
+    overlay = np.stack([(yy * 3) % 256, (xx * 5) % 256, (yy + xx) % 256], axis=-1).astype(np.uint8)
+    return score, mask, overlay
+
+
+def expected(store: OutputStore) -> dict[str, np.ndarray]:
+    full = {
+        "score": np.zeros((store.height, store.width), np.float32),
+        "mask": np.zeros((store.height, store.width), np.uint8),
+        "overlay": np.zeros((store.height, store.width, 3), np.uint8),
+    }
+    for iy, ix in store.all_chunks():
+        y0, y1, x0, x1 = store.chunk_bounds(iy, ix)
+        for name, arr in zip(("score", "mask", "overlay"), chunk_data(store, iy, ix)):
+            full[name][y0:y1, x0:x1] = arr
+    return full
+
+
+def write_all(store: OutputStore, chunks: list[tuple[int, int]] | None = None) -> None:
+    for iy, ix in store.all_chunks() if chunks is None else chunks:
+        store.write_chunk(iy, ix, *chunk_data(store, iy, ix))
+
+
+def full_store(url: str, **kw: Any) -> OutputStore:
+    store = OutputStore.create(url, H, W, CHUNK, "run-1", {"input": "x.tif"}, **kw)
+    write_all(store)
+    store.finalize({"n": store.n_chunks})
+    return store
+
+
+def check_equal(store: OutputStore) -> None:
+    want = expected(store)
+    for name, arr in want.items():
+        np.testing.assert_array_equal(store.read(name)[:], arr, err_msg=name)
+
+
+# ---------------------------------------------------------------------------- local store
+
+
+def test_local_roundtrip(tmp_path: Path) -> None:
+    store = OutputStore.create(tmp_path / "run.zarr", H, W, CHUNK, "run-1", {"input": "x.tif"})
+    assert (store.n_rows, store.n_cols) == (4, 3)
+    assert store.chunk_bounds(3, 2) == (192, 203, 128, 157)
+    assert store.done_chunks() == set()
+    # workers get a pickled copy and write in any order, concurrently
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy == store
+    order = store.all_chunks()[::-1]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda c: copy.write_chunk(*c, *chunk_data(copy, *c)), order))
+    assert store.done_chunks() == set(store.all_chunks())
+    assert store.is_done(3, 2)
+    store.finalize({"seconds": 1.5})
+    check_equal(store)
+    attrs = store.attrs
+    assert attrs["run_id"] == "run-1" and attrs["complete"] is True
+    assert attrs["input"] == "x.tif" and attrs["summary"] == {"seconds": 1.5}
+    assert store.read("score").chunks == (CHUNK, CHUNK)
+    assert store.read("overlay").chunks == (CHUNK, CHUNK, 3)
+    assert OutputStore.open(str(tmp_path / "run.zarr")) == store
+
+
+def test_write_chunk_checks_shapes(tmp_path: Path) -> None:
+    store = OutputStore.create(tmp_path / "run.zarr", H, W, CHUNK, "r", {})
+    score, mask, overlay = chunk_data(store, 0, 0)
+    with pytest.raises(ParameterError, match="shape"):
+        store.write_chunk(3, 2, score, mask, overlay)  # the last chunk is smaller
+    with pytest.raises(ParameterError, match="outside"):
+        store.write_chunk(4, 0, score, mask, overlay)
+    assert store.done_chunks() == set()
+
+
+def test_resume_keeps_done_chunks_and_refuses_other_runs(tmp_path: Path) -> None:
+    url = str(tmp_path / "run.zarr")
+    store = OutputStore.create(url, H, W, CHUNK, "run-1", {})
+    first = [(0, 0), (1, 2), (3, 1)]
+    write_all(store, first)
+    del store  # "crash"
+
+    again = OutputStore.create(url, H, W, CHUNK, "run-1", {})
+    assert again.done_chunks() == set(first)
+    assert [c for c in again.all_chunks() if c not in first] == again.missing_chunks()
+    want = expected(again)
+    for iy, ix in again.all_chunks():
+        y0, y1, x0, x1 = again.chunk_bounds(iy, ix)
+        got = again.read("score")[y0:y1, x0:x1]
+        if (iy, ix) in first:
+            np.testing.assert_array_equal(got, want["score"][y0:y1, x0:x1])
+        else:
+            assert not got.any()
+            assert not again.is_done(iy, ix)
+
+    with pytest.raises(OutputExistsError, match="overwrite=True") as info:
+        OutputStore.create(url, H, W, CHUNK, "run-2", {})
+    assert "run-1" in str(info.value) and "run-2" in str(info.value)
+    assert isinstance(info.value, FileExistsError) and isinstance(info.value, AnomalyDaskError)
+    with pytest.raises(OutputExistsError, match="layout"):
+        OutputStore.create(url, H, W, 32, "run-1", {})
+    assert again.done_chunks() == set(first)  # refusals change nothing
+
+    fresh = OutputStore.create(url, H, W, 32, "run-2", {"k": 1}, overwrite=True)
+    assert fresh.done_chunks() == set()
+    assert fresh.attrs["run_id"] == "run-2" and fresh.attrs["complete"] is False
+    assert not fresh.read("score")[:].any()
+    assert fresh.read("mask").chunks == (32, 32)
+
+
+def test_all_zero_chunk_is_done_and_written(tmp_path: Path) -> None:
+    store = OutputStore.create(tmp_path / "run.zarr", H, W, CHUNK, "r", {})
+    y0, y1, x0, x1 = store.chunk_bounds(1, 1)
+    shape = (y1 - y0, x1 - x0)
+    store.write_chunk(1, 1, np.zeros(shape), np.zeros(shape, bool), np.zeros(shape + (3,)))
+    assert store.done_chunks() == {(1, 1)}
+    assert store.is_done(1, 1) and not store.is_done(0, 0)
+    assert not store.read("overlay")[y0:y1, x0:x1].any()
+    root = tmp_path / "run.zarr"  # the zero chunk exists as an object (write_empty_chunks)
+    for key in ("score/c/1/1", "mask/c/1/1", "overlay/c/1/1/0"):
+        assert (root / key).is_file(), key
+
+
+def test_truncated_marker_is_not_done(tmp_path: Path) -> None:
+    store = OutputStore.create(tmp_path / "run.zarr", H, W, CHUNK, "run-1", {})
+    write_all(store, [(0, 0), (0, 1)])
+    (tmp_path / "run.zarr" / "_done" / "0.1").write_bytes(b"")  # crash while writing the marker
+    (tmp_path / "run.zarr" / "_done" / "9.9").write_bytes(b"run-1")  # outside the grid
+    assert store.done_chunks() == {(0, 0)}
+    assert not store.is_done(0, 1)
+
+
+def test_finalize_incomplete_raises(tmp_path: Path) -> None:
+    store = OutputStore.create(tmp_path / "run.zarr", H, W, CHUNK, "r", {})
+    write_all(store, store.all_chunks()[:-1])
+    with pytest.raises(OutputIncompleteError, match="1 of 12"):
+        store.finalize({"n": 1})
+    assert store.attrs["complete"] is False and "summary" not in store.attrs
+    write_all(store, store.all_chunks()[-1:])
+    store.finalize({"n": 12})
+    assert store.attrs["complete"] is True
+
+
+def test_bad_locations(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "run.zarr"
+    with pytest.raises(OutputLocationError, match="does not exist") as info:
+        OutputStore.create(missing, H, W, CHUNK, "r", {})
+    assert isinstance(info.value, InputNotFoundError) and str(tmp_path / "no") in str(info.value)
+    assert not (tmp_path / "no").exists()
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"meow")
+    for overwrite in (False, True):  # never deletes what is not a zarr store
+        with pytest.raises(OutputExistsError, match="not a zarr store"):
+            OutputStore.create(foreign, H, W, CHUNK, "r", {}, overwrite=overwrite)
+    assert (foreign / "cat.jpg").read_bytes() == b"meow"
+
+    with pytest.raises(ParameterError):
+        OutputStore.create(tmp_path / "a.zarr", 0, W, CHUNK, "r", {})
+    with pytest.raises(ParameterError):
+        OutputStore.create(tmp_path / "a.zarr", H, W, CHUNK, "", {})
+    with pytest.raises(ParameterError, match="JSON"):
+        OutputStore.create(tmp_path / "a.zarr", H, W, CHUNK, "r", {"x": object()})
+    assert not (tmp_path / "a.zarr").exists()
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_folder(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="not writable"):
+            OutputStore.create(ro / "run.zarr", H, W, CHUNK, "r", {})
+    finally:
+        ro.chmod(0o755)
+
+
+def test_memory_filesystem() -> None:
+    url = f"memory://anomaly-dask-test-{uuid.uuid4().hex}/run.zarr"
+    store = full_store(url)
+    check_equal(store)
+    assert OutputStore.open(url).run_id == "run-1"
+    assert OutputStore.create(url, H, W, CHUNK, "run-1", {}).done_chunks() == set(store.all_chunks())
+
+
+# ---------------------------------------------------------------------------- S3 (moto)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 (dummy credentials in the environment)."""
+    moto_server = pytest.importorskip("moto.server")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in (
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ):
+            mp.setenv(key, value)
+        mp.delenv("AWS_PROFILE", raising=False)
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Storage options for the moto server and a fresh bucket name."""
+    s3fs = pytest.importorskip("s3fs")
+    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": moto_endpoint}}
+    bucket = f"bucket-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir(bucket)
+    yield options, bucket
+
+
+def test_s3_roundtrip(s3: tuple[dict[str, Any], str], tmp_path: Path) -> None:
+    import s3fs
+
+    options, bucket = s3
+    url = f"s3://{bucket}/run.zarr"
+    store = OutputStore.create(url, H, W, CHUNK, "run-1", {}, storage_options=options)
+    write_all(store, store.all_chunks()[:5])
+    resumed = OutputStore.create(url, H, W, CHUNK, "run-1", {}, storage_options=options)
+    assert resumed.done_chunks() == set(store.all_chunks()[:5])
+    write_all(resumed, resumed.missing_chunks())
+    resumed.finalize({"where": "s3"})
+    check_equal(OutputStore.open(url, storage_options=options))
+    assert resumed.attrs["complete"] is True
+
+    write_geotiff(
+        resumed, f"s3://{bucket}/out/mask.tif", "mask", {"transform": (0, 1, 0, 0, 0, -1), "crs_epsg": None}
+    )
+    fs = s3fs.S3FileSystem(**options)
+    fs.invalidate_cache()
+    assert fs.exists(f"{bucket}/out/mask.tif") and not fs.exists(f"{bucket}/out/mask.tif.partial")
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(fs.cat_file(f"{bucket}/out/mask.tif"))) as tif:
+        np.testing.assert_array_equal(tif.asarray(), expected(resumed)["mask"])
+    assert not [k for k in fs.find(f"{bucket}/run.zarr") if "write-probe" in k]
+
+
+def test_s3_missing_bucket(s3: tuple[dict[str, Any], str]) -> None:
+    import s3fs
+
+    options, _bucket = s3
+    fs = s3fs.S3FileSystem(**options)
+    before = sorted(fs.ls("", refresh=True))
+    with pytest.raises(OutputLocationError, match="no-such-bucket") as info:
+        OutputStore.create("s3://no-such-bucket/run.zarr", H, W, CHUNK, "r", {}, storage_options=options)
+    assert isinstance(info.value, FileNotFoundError)
+    assert sorted(fs.ls("", refresh=True)) == before
+
+
+# ---------------------------------------------------------------------------- exporters
+
+UTM_GEOREF = {"transform": (431000.0, 0.1, 0.0, 5412000.0, 0.0, -0.1), "crs_epsg": 32631}
+
+
+@pytest.fixture(scope="module")
+def done_store(tmp_path_factory: pytest.TempPathFactory) -> OutputStore:
+    return full_store(str(tmp_path_factory.mktemp("exp") / "run.zarr"))
+
+
+@pytest.mark.parametrize("name", ["mask", "score"])
+def test_geotiff_from_epsg(done_store: OutputStore, tmp_path: Path, name: str) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    out = tmp_path / f"{name}.tif"
+    write_geotiff(done_store, str(out), name, UTM_GEOREF, nodata=0, tile=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary left over
+    with rasterio.open(out) as ds:
+        assert ds.crs.to_epsg() == 32631
+        assert ds.transform.to_gdal() == pytest.approx(UTM_GEOREF["transform"])
+        assert (ds.height, ds.width) == (H, W) and ds.block_shapes == [(64, 64)]
+        assert ds.nodata == 0
+        np.testing.assert_array_equal(ds.read(1), expected(done_store)[name])
+
+
+def test_geotiff_geographic_and_overlay(done_store: OutputStore, tmp_path: Path) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    georef = {"transform": (2.0, 1e-5, 0.0, 48.0, 0.0, -1e-5), "crs_epsg": 4326}
+    write_geotiff(done_store, str(tmp_path / "ov.tif"), "overlay", georef, tile=128)
+    with rasterio.open(tmp_path / "ov.tif") as ds:
+        assert ds.crs.to_epsg() == 4326 and ds.crs.is_geographic
+        assert ds.transform.to_gdal() == pytest.approx(georef["transform"])
+        assert ds.count == 3
+        np.testing.assert_array_equal(np.moveaxis(ds.read(), 0, -1), expected(done_store)["overlay"])
+
+
+def test_geotiff_without_crs(done_store: OutputStore, tmp_path: Path) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    rotated = (10.0, 2.0, 0.5, 20.0, 0.25, -2.0)  # written as a ModelTransformation matrix
+    for transform in ((10.0, 2.0, 0.0, 20.0, 0.0, -2.0), rotated):
+        write_geotiff(done_store, str(tmp_path / "m.tif"), "mask", {"transform": transform, "crs_epsg": None})
+        with rasterio.open(tmp_path / "m.tif") as ds:
+            assert ds.crs is None
+            assert ds.transform.to_gdal() == pytest.approx(transform)
+        assert georef_from_tiff(str(tmp_path / "m.tif"))["transform"] == pytest.approx(transform)
+
+
+def test_geotiff_raw_geokeys(done_store: OutputStore, tmp_path: Path) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    import tifffile
+
+    # an "input" GeoTIFF in EPSG:3857 with a citation, written with raw tags
+    citation = "WGS 84 / Pseudo-Mercator|"
+    keys = [
+        (1, 1, 0, 4),
+        (1024, 0, 1, 1),
+        (1025, 0, 1, 1),
+        (1026, 34737, len(citation), 0),
+        (3072, 0, 1, 3857),
+    ]
+    tags = [
+        (33550, "d", 3, (0.25, 0.25, 0.0), True),
+        (33922, "d", 6, (0.0, 0.0, 0.0, 250000.0, 6250000.0, 0.0), True),
+        (34735, "H", 20, tuple(v for k in keys for v in k), True),
+        (34737, "s", 0, citation, True),
+    ]
+    src = tmp_path / "input.tif"
+    tifffile.imwrite(src, np.zeros((H, W), np.uint8), extratags=tags, metadata=None)
+
+    georef = georef_from_tiff(str(src))
+    assert georef is not None and georef["crs_epsg"] == 3857
+    assert georef["transform"] == pytest.approx((250000.0, 0.25, 0.0, 6250000.0, 0.0, -0.25))
+    assert georef["geo_ascii_params"] == citation
+    out = tmp_path / "score.tif"
+    write_geotiff(done_store, str(out), "score", georef, tile=64)
+    with rasterio.open(src) as a, rasterio.open(out) as b:
+        assert b.crs == a.crs and b.crs.to_epsg() == 3857
+        assert b.transform == a.transform
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages.first.tags[34735].value == tuple(v for k in keys for v in k)
+    assert georef_from_tiff(str(tmp_path / "input.tif"))["geokeys"] == georef["geokeys"]
+
+
+def test_png_tiles_and_quicklook(done_store: OutputStore, tmp_path: Path) -> None:
+    urls = write_png_tiles(done_store, "overlay")
+    assert len(urls) == done_store.n_chunks
+    assert urls[-1] == f"{done_store.url}/png/overlay/3/2.png"
+    want = expected(done_store)["overlay"]
+    with Image.open(urls[-1]) as img:
+        assert img.size == (W - 2 * CHUNK, H - 3 * CHUNK)
+        np.testing.assert_array_equal(np.asarray(img), want[3 * CHUNK :, 2 * CHUNK :])
+    with Image.open(f"{done_store.url}/png/overlay/0/1.png") as img:
+        assert img.size == (CHUNK, CHUNK)
+
+    masks = write_png_tiles(done_store, "mask", tile=100, prefix=str(tmp_path / "tiles"))
+    assert len(masks) == 3 * 2 and masks[0] == str(tmp_path / "tiles" / "0" / "0.png")
+    with Image.open(masks[-1]) as img:
+        assert img.size == (57, 3)
+
+    shape = write_quicklook(done_store, str(tmp_path / "ql.png"), max_size=50)
+    assert shape == (41, 32)  # factor ceil(203 / 50) = 5
+    with Image.open(tmp_path / "ql.png") as img:
+        assert img.size == (32, 41) and img.mode == "RGB"
+        small = np.asarray(img).astype(float)
+    block = want[:5, :5].reshape(-1, 3).mean(axis=0)
+    np.testing.assert_allclose(small[0, 0], np.rint(block))
+    edge = want[200:, 155:].reshape(-1, 3).mean(axis=0)  # partial edge block: its own mean
+    np.testing.assert_allclose(small[-1, -1], np.rint(edge))
+    with pytest.raises(ParameterError):
+        write_quicklook(done_store, str(tmp_path / "q2.png"), name="score")
