@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import socket
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -221,44 +219,6 @@ def test_memory_filesystem() -> None:
 
 
 # ---------------------------------------------------------------------------- S3 (moto)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 (dummy credentials in the environment)."""
-    moto_server = pytest.importorskip("moto.server")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in (
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_DEFAULT_REGION", "us-east-1"),
-        ):
-            mp.setenv(key, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
-
-
-@pytest.fixture
-def s3(moto_endpoint: str) -> Iterator[tuple[dict[str, Any], str]]:
-    """Storage options for the moto server and a fresh bucket name."""
-    s3fs = pytest.importorskip("s3fs")
-    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": moto_endpoint}}
-    bucket = f"bucket-{uuid.uuid4().hex[:12]}"
-    fs = s3fs.S3FileSystem(**options)
-    fs.mkdir(bucket)
-    yield options, bucket
 
 
 def test_s3_roundtrip(s3: tuple[dict[str, Any], str], tmp_path: Path) -> None:

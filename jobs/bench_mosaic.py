@@ -1,0 +1,117 @@
+"""Benchmark: a synthetic sonar mosaic from a tiled TIFF to zarr, at two sizes.
+
+Trains on separate anomaly-free mosaics, then runs ``detect`` on a ``--small`` and a
+``--large`` test mosaic (tiled GeoTIFFs written window by window), each in a fresh
+subprocess, and prints throughput (megapixels/s), peak resident memory, pixel AUROC on the
+ground truth (valid pixels; every ``--eval-step``-th pixel on each axis for the large one)
+and the false-positive rates inside no-data and in the nadir bands.
+
+Usage::
+
+    python jobs/bench_mosaic.py [--small 4096] [--large 16384] [--workdir bench_out] [--scheduler ADDR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+from sklearn.metrics import roc_auc_score
+
+from anomaly_dask import AnomalyDetector
+from anomaly_dask.synthetic import SonarScene, write_tiff
+
+CHILD = """
+import json, resource, sys, time
+from anomaly_dask import AnomalyDetector
+ad = AnomalyDetector.load(sys.argv[1], verbose=0)
+if len(sys.argv) > 4 and sys.argv[4]:
+    from distributed import Client
+    ad.client = Client(sys.argv[4])
+summary = ad.detect(sys.argv[2], sys.argv[3], overwrite=True, quicklook=True)
+summary["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(summary))
+"""
+
+
+def evaluate(scene: SonarScene, store: str, step: int) -> dict[str, float]:
+    """AUROC and false-positive rates of a finished store, read band by band."""
+    g = zarr.open_group(store, mode="r")
+    scores, truths, fp_nodata, fp_nadir, fp_normal = [], [], [0, 0], [0, 0], [0, 0]
+    band = 2048
+    for y0 in range(0, scene.height, band):
+        y1 = min(scene.height, y0 + band)
+        sc = g["score"][y0:y1, :]
+        m = g["mask"][y0:y1, :] > 0
+        truth = scene.truth(y0, y1, 0, scene.width)
+        valid = scene.valid(y0, y1, 0, scene.width)
+        nadir = scene.nadir(y0, y1, 0, scene.width) & valid & ~truth
+        normal = valid & ~truth & ~nadir
+        for acc, sel in ((fp_nodata, ~valid), (fp_nadir, nadir), (fp_normal, normal)):
+            acc[0] += int(m[sel].sum())
+            acc[1] += int(sel.sum())
+        s, t, v = sc[::step, ::step], truth[::step, ::step], valid[::step, ::step]
+        scores.append(s[v])
+        truths.append(t[v])
+    y, s = np.concatenate(truths), np.concatenate(scores)
+    return {
+        "auroc": float(roc_auc_score(y, s)) if y.any() else float("nan"),
+        "fpr_nodata": fp_nodata[0] / max(1, fp_nodata[1]),
+        "fpr_nadir": fp_nadir[0] / max(1, fp_nadir[1]),
+        "fpr_normal_seabed": fp_normal[0] / max(1, fp_normal[1]),
+    }
+
+
+def main() -> None:
+    """Run the benchmark and print the figures."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", type=int, default=4096)
+    p.add_argument("--large", type=int, default=16384)
+    p.add_argument("--workdir", type=Path, default=Path("bench_out"))
+    p.add_argument("--eval-step", type=int, default=4)
+    p.add_argument("--scheduler", default="")
+    args = p.parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    write_tiff(str(work / "train.tif"), SonarScene(4096, 4096, seed=21, n_objects=0))
+    write_tiff(str(work / "val.tif"), SonarScene(2048, 4096, seed=22, n_objects=0))
+    ad = AnomalyDetector(random_state=0, verbose=0).train(str(work / "train.tif"), str(work / "val.tif"))
+    model = str(work / "model.safetensors")
+    ad.save(model)
+    print(f"trained on 4096x4096 + 2048x4096 mosaics in {time.perf_counter() - t0:.0f} s", flush=True)
+    results = {}
+    for size in (args.small, args.large):
+        scene = SonarScene(size, size, seed=23)
+        tif = work / f"mosaic_{size}.tif"
+        t1 = time.perf_counter()
+        write_tiff(str(tif), scene)
+        gen = time.perf_counter() - t1
+        store = str(work / f"mosaic_{size}.zarr")
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, model, str(tif), store, args.scheduler],
+            check=True, capture_output=True, text=True,
+        )
+        summary = json.loads(out.stdout.strip().splitlines()[-1])
+        quality = evaluate(scene, store, 1 if size <= 4096 else args.eval_step)
+        results[size] = summary
+        print(
+            f"{size}x{size} ({size * size / 1e6:.0f} Mpx, {len(scene.targets)} targets; TIFF written in {gen:.0f} s): "
+            f"{summary['megapixels_per_second']:.2f} Mpx/s, {summary['seconds']:.0f} s, "
+            f"peak {summary['peak_mib']:.0f} MiB | AUROC {quality['auroc']:.4f}, "
+            f"FPR no-data {quality['fpr_nodata']:.4f}, nadir {quality['fpr_nadir']:.4f}, "
+            f"other seabed {quality['fpr_normal_seabed']:.4f}",
+            flush=True,
+        )
+    a, b = results[args.small]["peak_mib"], results[args.large]["peak_mib"]
+    print(f"pixels x{(args.large / args.small) ** 2:.0f} -> peak memory ratio {b / a:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""detect(): huge-image scoring into a zarr store — no-data, resume after a kill, GeoTIFF, S3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from anomaly_dask import AnomalyDetector
+from anomaly_dask.store import OutputExistsError, OutputStore
+from anomaly_dask.synthetic import SonarScene, write_tiff
+
+from .conftest import FAST, REPO
+
+
+@pytest.fixture(scope="module")
+def sonar(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A trained FAST model (saved) and a small GeoTIFF sonar mosaic with no-data."""
+    root = tmp_path_factory.mktemp("sonar")
+    write_tiff(str(root / "train.tif"), SonarScene(384, 512, seed=1, n_objects=0))
+    write_tiff(str(root / "val.tif"), SonarScene(256, 512, seed=2, n_objects=0))
+    scene = SonarScene(520, 610, seed=3, n_objects=4)
+    write_tiff(str(root / "test.tif"), scene)
+    ad = AnomalyDetector(**{**FAST, "chunk_size": 128}).train(str(root / "train.tif"), str(root / "val.tif"))
+    ad.save(str(root / "model.safetensors"))
+    return {"root": root, "model": ad, "scene": scene, "test": str(root / "test.tif")}
+
+
+def assert_close_scores(a: np.ndarray, b: np.ndarray) -> None:
+    """Same no-data pixels; scores equal up to chunking (1e-3 of their range)."""
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    span = np.nanmax(b) - np.nanmin(b)
+    assert np.nanmax(np.abs(a - b)) < 1e-3 * span
+
+
+def test_store_contents_and_nodata(sonar, tmp_path):
+    ad, scene = sonar["model"], sonar["scene"]
+    summary = ad.detect(sonar["test"], str(tmp_path / "out.zarr"))
+    g = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    score, mask, overlay = g["score"][:], g["mask"][:], g["overlay"][:]
+    assert score.shape == mask.shape == (520, 610) and overlay.shape == (520, 610, 3)
+    assert g["score"].chunks == (128, 128)
+    valid = scene.valid(0, 520, 0, 610)
+    assert not valid.all()
+    assert np.isnan(score[~valid]).all() and np.isfinite(score[valid]).all()
+    assert (mask[~valid] == 0).all()  # no-data is never anomalous
+    np.testing.assert_array_equal(mask > 0, np.nan_to_num(score, nan=-np.inf) >= ad.threshold_)
+    attrs = dict(g.attrs)
+    assert attrs["complete"] is True
+    assert attrs["threshold"] == ad.threshold_
+    assert attrs["model_fingerprint"] == ad.fingerprint_
+    assert attrs["georef"]["crs_epsg"] == 32631
+    assert summary["computed_chunks"] == summary["chunks"] == 5 * 5
+    assert summary["anomalous_pixels"] == int((mask > 0).sum())
+    # the store equals in-memory scoring of the same image
+    direct = ad.score_image(sonar["test"])
+    assert_close_scores(score, direct)
+    assert (tmp_path / "out.zarr" / "quicklook.png").exists()
+
+
+def test_other_model_into_same_store_is_refused(sonar, tmp_path):
+    out = str(tmp_path / "out.zarr")
+    sonar["model"].detect(sonar["test"], out, quicklook=False)
+    other = AnomalyDetector(**{**FAST, "chunk_size": 128, "kmeans_clusters": 5}).train(
+        sonar["scene"].render(0, 256, 0, 256)
+    )
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
+        other.detect(sonar["test"], out, quicklook=False)
+    other.detect(sonar["test"], out, quicklook=False, overwrite=True)
+    assert zarr.open_group(out, mode="r").attrs["threshold"] == other.threshold_
+
+
+def test_geotiff_keeps_the_input_georeference(sonar, tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    out = tmp_path / "out.zarr"
+    sonar["model"].detect(sonar["test"], str(out), geotiff=("mask", "score"), quicklook=False)
+    with rasterio.open(sonar["test"]) as src:
+        transform, crs = src.transform, src.crs
+    for name in ("mask", "score"):
+        with rasterio.open(out / f"{name}.tif") as tif:
+            assert tif.transform == transform
+            assert tif.crs == crs and tif.crs.to_epsg() == 32631
+            assert (tif.height, tif.width) == (520, 610)
+    with rasterio.open(out / "mask.tif") as tif:
+        np.testing.assert_array_equal(tif.read(1), zarr.open_group(str(out), mode="r")["mask"][:])
+
+
+def test_outputs_to_s3(sonar, s3):
+    import s3fs
+
+    options, bucket = s3
+    url = f"s3://{bucket}/survey/out.zarr"
+    summary = sonar["model"].detect(sonar["test"], url, storage_options=options, png_tiles=True)
+    g = zarr.open_group(url, mode="r", storage_options=options)
+    assert g.attrs["complete"] is True
+    assert_close_scores(g["score"][:], sonar["model"].score_image(sonar["test"]))
+    fs = s3fs.S3FileSystem(**options)
+    assert fs.exists(f"{bucket}/survey/out.zarr/quicklook.png")
+    assert summary["png_tiles"] == 25
+    with pytest.raises(FileNotFoundError, match="no-such-bucket"):
+        sonar["model"].detect(sonar["test"], "s3://no-such-bucket/out.zarr", storage_options=options)
+    assert not fs.exists("no-such-bucket")
+
+
+CHILD = """
+import sys
+from anomaly_dask import AnomalyDetector
+ad = AnomalyDetector.load(sys.argv[1], chunk_size=64, verbose=0)
+ad.detect(sys.argv[2], sys.argv[3], quicklook=False)
+"""
+
+
+def test_killed_run_resumes_without_recomputing(sonar, tmp_path):
+    model, image = str(sonar["root"] / "model.safetensors"), sonar["test"]
+    killed, clean = tmp_path / "killed.zarr", tmp_path / "clean.zarr"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, model, image, str(killed)], env=env)
+    deadline = time.time() + 120
+    done_dir = killed / "_done"
+    while time.time() < deadline and proc.poll() is None:
+        if done_dir.exists() and len(list(done_dir.iterdir())) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(OutputStore.open(str(killed)).done_chunks())
+    total = 9 * 10  # 520 x 610 px in 64 px chunks
+    assert 3 <= n_before < total
+    assert zarr.open_group(str(killed), mode="r").attrs["complete"] is False
+    ad = AnomalyDetector.load(model, chunk_size=64, verbose=0)
+    resumed = ad.detect(image, str(killed), quicklook=False)
+    assert resumed["computed_chunks"] == total - n_before
+    full = ad.detect(image, str(clean), quicklook=False)
+    assert full["computed_chunks"] == total
+    a, b = zarr.open_group(str(killed), mode="r"), zarr.open_group(str(clean), mode="r")
+    for name in ("score", "mask", "overlay"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+    assert a.attrs["complete"] is True
