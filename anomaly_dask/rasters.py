@@ -718,6 +718,18 @@ def _read_failed(name: str, err: Exception, y0: int, y1: int, x0: int, x1: int) 
     )
 
 
+def _guarded_read(name: str, read: Callable[[int, int, int, int], np.ndarray], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Call ``read`` and turn any failure into an error naming the file and the window."""
+    try:
+        return read(y0, y1, x0, x1)
+    except AnomalyDaskError:
+        raise
+    except FileNotFoundError as err:
+        raise InputNotFoundError(f"{name!r} no longer exists") from err
+    except Exception as err:
+        raise _read_failed(name, err, y0, y1, x0, x1) from err
+
+
 @dataclass(frozen=True)
 class TiffSource(ImageSource):
     """A (Geo)TIFF image read tile by tile (or strip by strip) on demand.
@@ -862,15 +874,7 @@ class TiffSource(ImageSource):
         _check_window(self, y0, y1, x0, x1)
         if y0 == y1 or x0 == x1:
             return np.empty((y1 - y0, x1 - x0, self.channels), self.dtype)
-        handle = self._handle()
-        try:
-            return handle.read(y0, y1, x0, x1)
-        except AnomalyDaskError:
-            raise
-        except FileNotFoundError as err:
-            raise InputNotFoundError(f"{self.url!r} no longer exists") from err
-        except Exception as err:
-            raise _read_failed(self.url, err, y0, y1, x0, x1) from err
+        return _guarded_read(self.url, self._handle().read, y0, y1, x0, x1)
 
 
 # --------------------------------------------------------------------------------------
@@ -1115,12 +1119,7 @@ class ZarrSource(ImageSource):
             self.axes,
         ):
             raise ImageReadError(f"{self.name}: the array changed since it was opened; open it again")
-        try:
-            return handle.read(y0, y1, x0, x1)
-        except AnomalyDaskError:
-            raise
-        except Exception as err:
-            raise _read_failed(self.name, err, y0, y1, x0, x1) from err
+        return _guarded_read(self.name, handle.read, y0, y1, x0, x1)
 
 
 # --------------------------------------------------------------------------------------
