@@ -158,13 +158,12 @@ class AnomalyDetector:
 
     def _fit_intensity(self, sources: list[ImageSource], rng: np.random.Generator) -> Intensity:
         samples = []
-        if not all(np.dtype(src.dtype) == np.uint8 for src in sources):
-            for src in sources:
-                h, w = min(src.height, 512), min(src.width, 512)
-                for _ in range(4):
-                    y = int(rng.integers(0, src.height - h + 1))
-                    x = int(rng.integers(0, src.width - w + 1))
-                    samples.append(src.read(y, y + h, x, x + w)[::4, ::4])
+        for src in sources[:64]:
+            h, w = min(src.height, 512), min(src.width, 512)
+            for _ in range(4):
+                y = int(rng.integers(0, src.height - h + 1))
+                x = int(rng.integers(0, src.width - w + 1))
+                samples.append(src.read(y, y + h, x, x + w)[::4, ::4])
         nodata = self.nodata if self.nodata is not None else next(
             (src.nodata for src in sources if src.nodata is not None), None
         )
@@ -213,13 +212,13 @@ class AnomalyDetector:
             len(train_units), len(val_units), s["backbone"], weights_id, s["features"],
         )
         with pipeline.local_client(s["client"]) as client:
-            extractor = client.scatter(self._extractor(s), broadcast=False)
+            extractor = client.scatter(self._extractor(s), broadcast=True)
             dictionary = pipeline.train_dictionary(
                 client, extractor, train_units,
                 pca_variance=s["pca_variance"], n_clusters=s["kmeans_clusters"],
                 n_init=s["kmeans_trials"], max_fit_tiles=s["max_fit_tiles"], random_state=seed,
             )
-            dict_future = client.scatter(dictionary, broadcast=False)
+            dict_future = client.scatter(dictionary, broadcast=True)
             scores = pipeline.validation_scores(
                 client, extractor, dict_future, val_units, s["kmeans_neighbors"],
                 s["max_fit_tiles"], seed,
@@ -254,8 +253,8 @@ class AnomalyDetector:
         extractor: Any = self._extractor(s)
         dictionary: Any = self.dictionary_
         if client is not None:
-            extractor = client.scatter(extractor, broadcast=False)
-            dictionary = client.scatter(dictionary, broadcast=False)
+            extractor = client.scatter(extractor, broadcast=True)
+            dictionary = client.scatter(dictionary, broadcast=True)
         return pipeline.score_array(
             extractor, dictionary, source, grid, s["chunk_size"], s["kmeans_neighbors"]
         )
@@ -302,8 +301,8 @@ class AnomalyDetector:
         sep = "" if str(output_dir).endswith("/") else "/"
         results = []
         with pipeline.local_client(s["client"]) as client:
-            extractor = client.scatter(self._extractor(s), broadcast=False)
-            dictionary = client.scatter(self.dictionary_, broadcast=False)
+            extractor = client.scatter(self._extractor(s), broadcast=True)
+            dictionary = client.scatter(self.dictionary_, broadcast=True)
             for f, source, grid in opened:
                 t0 = time.perf_counter()
                 arr = pipeline.score_array(
@@ -352,6 +351,7 @@ class AnomalyDetector:
         geotiff: str | tuple[str, ...] | None = None,
         overwrite: bool = False,
         storage_options: dict[str, Any] | None = None,
+        progress: Any = None,
     ) -> dict[str, Any]:
         """Score a (very large) image chunk by chunk into a zarr store, resumably.
 
@@ -376,6 +376,9 @@ class AnomalyDetector:
             completed are skipped.
         storage_options : dict, optional
             fsspec options for input and output (defaults to the detector's).
+        progress : callable, optional
+            ``progress(done, total)`` after each chunk computed by this call (``total`` is
+            the number of chunks left to compute); called once with ``(0, total)`` first.
 
         Returns
         -------
@@ -432,15 +435,20 @@ class AnomalyDetector:
             self.threshold_, s["overlay_color"], s["overlay_opacity"], s["kmeans_neighbors"]
         )
 
-        def progress(k: int, n: int) -> None:
+        def report(k: int, n: int) -> None:
             el = time.perf_counter() - t0
             if k == n or k % max(1, n // 20) == 0:
                 log.info("chunks %d/%d, %.0f s elapsed, ETA %.0f s", k, n, el, el / k * (n - k))
+            if progress is not None:
+                progress(k, n)
+
+        if progress is not None:
+            progress(0, len(jobs))
 
         with pipeline.local_client(s["client"]) as client:
-            extractor = client.scatter(self._extractor(s), broadcast=False)
-            dictionary = client.scatter(self.dictionary_, broadcast=False)
-            stats = pipeline.detect_chunks(client, extractor, dictionary, jobs, store, rendering, progress)
+            extractor = client.scatter(self._extractor(s), broadcast=True)
+            dictionary = client.scatter(self.dictionary_, broadcast=True)
+            stats = pipeline.detect_chunks(client, extractor, dictionary, jobs, store, rendering, report)
         # Statistics over every chunk, including those done by an earlier, interrupted run.
         mask_arr = store.read("mask")
         score_arr = store.read("score")
@@ -492,7 +500,10 @@ class AnomalyDetector:
         return {
             "params": saved_params(s),
             "threshold": self.threshold_,
-            "intensity": {"low": self.intensity_.low, "high": self.intensity_.high, "gray": self.intensity_.gray},
+            "intensity": {
+                "low": self.intensity_.low, "high": self.intensity_.high,
+                "gray": self.intensity_.gray, "fill": self.intensity_.fill,
+            },
             "backbone": {"name": s["backbone"], "weights_id": self.weights_id_, "layers": list(self.backbone_.dense_stages)},
             "random_state": self.random_state_,
             "versions": {"anomaly_dask": _pkg_version("anomaly_dask") if _has_dist() else "dev", "torch": torch.__version__},

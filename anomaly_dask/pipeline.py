@@ -88,10 +88,12 @@ def _set_torch_threads() -> None:
     try:
         from distributed import get_worker
 
-        nthreads = get_worker().state.nthreads
+        worker = get_worker()
+        nthreads = worker.state.nthreads
+        budget = getattr(worker, "anomaly_dask_torch_threads", None)  # set by cluster.TorchThreads
     except (ImportError, ValueError):
-        nthreads = 1
-    want = max(1, (os.cpu_count() or 1) // max(1, nthreads))
+        nthreads, budget = 1, None
+    want = budget or max(1, (os.cpu_count() or 1) // max(1, nthreads))
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
 
@@ -154,9 +156,9 @@ class Extractor:
         _set_torch_threads()
         raw, (y0, _, x0, _), offset = self._read(unit, rows, cols)
         n = (rows[1] - rows[0], cols[1] - cols[0])
-        pixels = to_unit_rgb(raw, self.intensity)
-        feats = tile_features(self.backbone, self.config, pixels, offset, n, unit.grid)
         valid = valid_pixels(raw, self.nodata if self.nodata is not None else unit.source.nodata)
+        pixels = to_unit_rgb(raw, self.intensity, valid)
+        feats = tile_features(self.backbone, self.config, pixels, offset, n, unit.grid)
         fraction = None if valid is None else tile_fractions(valid, offset, n, unit.grid)
         return feats, fraction, raw, (y0, x0)
 
@@ -263,23 +265,44 @@ def detect_chunks(
     return out
 
 
-def _stream(client: Any, fn: Any, jobs: Iterable[tuple], limit: int) -> Iterator[Any]:
-    """Run ``fn(*args)`` for each job with at most ``limit`` in flight; yield results."""
+def _stream(client: Any, fn: Any, jobs: Iterable[tuple], limit: int, ordered: bool = False) -> Iterator[Any]:
+    """Run ``fn(*args)`` for each job with at most ``limit`` in flight; yield results.
+
+    Results come as they complete, or in job order with ``ordered=True`` (then finished
+    results waiting for an earlier one count against ``limit``), which makes what is
+    computed from them independent of the cluster's size and timing.
+    """
     from distributed import as_completed
 
-    jobs = iter(jobs)
+    jobs = iter(enumerate(jobs))
     pending = as_completed()
-    for args in jobs:
-        pending.add(client.submit(fn, *args, pure=False))
-        if pending.count() >= limit:
-            break
+    index: dict[str, int] = {}
+    waiting: dict[int, Any] = {}
+    following = 0
+
+    def submit() -> bool:
+        for k, args in jobs:
+            fut = client.submit(fn, *args, pure=False)
+            index[fut.key] = k
+            pending.add(fut)
+            return True
+        return False
+
+    while pending.count() + len(waiting) < limit and submit():
+        pass
     for fut in pending:
         result = fut.result()
+        k = index.pop(fut.key)
         fut.release()
-        yield result
-        for args in jobs:
-            pending.add(client.submit(fn, *args, pure=False))
-            break
+        if not ordered:
+            yield result
+        else:
+            waiting[k] = result
+            while following in waiting:
+                yield waiting.pop(following)
+                following += 1
+        while pending.count() + len(waiting) < limit and submit():
+            pass
 
 
 def _in_flight(client: Any) -> int:
@@ -331,7 +354,7 @@ def train_dictionary(
     per_unit = max_fit_tiles if complete else max(1, max_fit_tiles // len(sample_units))
     seeds = rng.integers(0, 2**31, size=(len(order), 2))
     jobs = [(extractor, u, per_unit, int(seeds[i, 0])) for i, u in enumerate(sample_units)]
-    sample_parts = list(_stream(client, _sample_task, jobs, _in_flight(client)))
+    sample_parts = list(_stream(client, _sample_task, jobs, _in_flight(client), ordered=True))
     sample = np.concatenate(sample_parts)
     log.info("fitting PCA on %d tile features of dimension %d", *sample.shape)
     dictionary = fit_projection(sample, pca_variance, random_state)
@@ -343,9 +366,9 @@ def train_dictionary(
         parts: Iterable[np.ndarray] = (dictionary.transform(p) for p in sample_parts)
     else:
         sample_parts.clear()
-        dict_future = client.scatter(dictionary, broadcast=False)
+        dict_future = client.scatter(dictionary, broadcast=True)
         jobs2 = [(extractor, dict_future, u, int(seeds[i, 1])) for i, u in enumerate(order)]
-        parts = _stream(client, _project_task, jobs2, _in_flight(client))
+        parts = _stream(client, _project_task, jobs2, _in_flight(client), ordered=True)
     for z in parts:
         for k in range(0, len(z), batch_size):
             batch = z[k : k + batch_size]
@@ -370,7 +393,7 @@ def validation_scores(
     jobs = [
         (extractor, dictionary, u, n_neighbors, per_unit, int(rng.integers(0, 2**31))) for u in units
     ]
-    return np.concatenate(list(_stream(client, _tile_score_task, jobs, _in_flight(client))))
+    return np.concatenate(list(_stream(client, _tile_score_task, jobs, _in_flight(client), ordered=True)))
 
 
 def score_array(

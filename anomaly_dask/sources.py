@@ -108,11 +108,16 @@ class Intensity:
     gray : bool
         Whether the model sees images as single-band (colour inputs converted to luminance)
         rather than RGB (single-band inputs replicated).
+    fill : float
+        Value in ``[0, 1]`` written into no-data pixels before the backbone (the median of
+        valid training pixels), so that no-data borders look like plain seabed rather than
+        a black cliff.
     """
 
     low: float = 0.0
     high: float = 255.0
     gray: bool = False
+    fill: float = 0.5
 
 
 class ImageSource:
@@ -315,14 +320,16 @@ def valid_pixels(raw: np.ndarray, nodata: float | None) -> np.ndarray | None:
     return ~invalid
 
 
-def to_unit_rgb(raw: np.ndarray, intensity: Intensity) -> np.ndarray:
+def to_unit_rgb(raw: np.ndarray, intensity: Intensity, valid: np.ndarray | None = None) -> np.ndarray:
     """Map raw pixels (h, w, 1 or 3) to float32 RGB in ``[0, 1]`` as the model sees them.
 
-    NaN becomes 0.
+    NaN becomes 0; pixels where ``valid`` is False become ``intensity.fill``.
     """
     x = raw.astype(np.float32)
     scale = 1.0 / max(intensity.high - intensity.low, 1e-12)
     x = np.nan_to_num(np.clip((x - intensity.low) * scale, 0.0, 1.0), nan=0.0)
+    if valid is not None:
+        x[~valid] = intensity.fill
     if intensity.gray and x.shape[2] == 3:
         x = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[:, :, None]
     if x.shape[2] == 1:
@@ -340,26 +347,31 @@ def fit_intensity(
     sources : sequence of ImageSource
         Training images.
     samples : sequence of ndarray
-        Raw pixel samples from them (used unless every image is 8-bit).
+        Raw pixel samples from them.
     nodata : float, optional
         Value excluded from the percentiles (NaN always is).
 
     Returns
     -------
     Intensity
-        ``[0, 255]`` for 8-bit data; otherwise the 0.5 and 99.5 percentiles of the finite
-        sampled values. ``gray`` is set when every training image has one band.
+        ``[0, 255]`` for 8-bit data; otherwise the 0.5 and 99.5 percentiles of the valid
+        sampled values. ``gray`` is set when every training image has one band; ``fill`` is
+        the median valid value.
     """
     gray = all(s.channels == 1 for s in sources)
-    if all(np.dtype(s.dtype) == np.uint8 for s in sources):
-        return Intensity(0.0, 255.0, gray)
     values = np.concatenate([np.asarray(s, dtype=np.float64).ravel() for s in samples])
     values = values[np.isfinite(values)]
     if nodata is not None and not np.isnan(nodata):
         values = values[values != nodata]
     if values.size == 0:
-        raise ImageReadError("training images hold no finite pixel values")
-    low, high = np.percentile(values, [0.5, 99.5])
-    if high <= low:
-        high = low + 1.0
-    return Intensity(float(low), float(high), gray)
+        raise ImageReadError(
+            "training images hold no valid pixel values (all NaN or no-data); check nodata="
+        )
+    if all(np.dtype(s.dtype) == np.uint8 for s in sources):
+        low, high = 0.0, 255.0
+    else:
+        low, high = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+        if high <= low:
+            high = low + 1.0
+    fill = float(np.clip((np.median(values) - low) / (high - low), 0.0, 1.0))
+    return Intensity(low, high, gray, fill)

@@ -22,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from scipy.ndimage import binary_dilation
 from sklearn.metrics import roc_auc_score
 
 from anomaly_dask import AnomalyDetector
 from anomaly_dask.synthetic import SonarScene, write_tiff
+
+EDGE = 32  # px: the swath-edge band measured apart
 
 CHILD = """
 import json, resource, sys, time
@@ -43,17 +46,22 @@ print(json.dumps(summary))
 def evaluate(scene: SonarScene, store: str, step: int) -> dict[str, float]:
     """AUROC and false-positive rates of a finished store, read band by band."""
     g = zarr.open_group(store, mode="r")
-    scores, truths, fp_nodata, fp_nadir, fp_normal = [], [], [0, 0], [0, 0], [0, 0]
-    band = 2048
+    scores, truths = [], []
+    fp_nodata, fp_nadir, fp_edge, fp_normal = [0, 0], [0, 0], [0, 0], [0, 0]
+    band, margin = 2048, EDGE
     for y0 in range(0, scene.height, band):
         y1 = min(scene.height, y0 + band)
         sc = g["score"][y0:y1, :]
         m = g["mask"][y0:y1, :] > 0
         truth = scene.truth(y0, y1, 0, scene.width)
         valid = scene.valid(y0, y1, 0, scene.width)
-        nadir = scene.nadir(y0, y1, 0, scene.width) & valid & ~truth
-        normal = valid & ~truth & ~nadir
-        for acc, sel in ((fp_nodata, ~valid), (fp_nadir, nadir), (fp_normal, normal)):
+        # valid pixels within EDGE px of no-data (read with a margin so bands join up)
+        ya, yb = max(0, y0 - margin), min(scene.height, y1 + margin)
+        wide = binary_dilation(~scene.valid(ya, yb, 0, scene.width), iterations=margin)
+        edge = wide[y0 - ya : y0 - ya + (y1 - y0)] & valid & ~truth
+        nadir = scene.nadir(y0, y1, 0, scene.width) & valid & ~truth & ~edge
+        normal = valid & ~truth & ~nadir & ~edge
+        for acc, sel in ((fp_nodata, ~valid), (fp_nadir, nadir), (fp_edge, edge), (fp_normal, normal)):
             acc[0] += int(m[sel].sum())
             acc[1] += int(sel.sum())
         s, t, v = sc[::step, ::step], truth[::step, ::step], valid[::step, ::step]
@@ -64,6 +72,7 @@ def evaluate(scene: SonarScene, store: str, step: int) -> dict[str, float]:
         "auroc": float(roc_auc_score(y, s)) if y.any() else float("nan"),
         "fpr_nodata": fp_nodata[0] / max(1, fp_nodata[1]),
         "fpr_nadir": fp_nadir[0] / max(1, fp_nadir[1]),
+        "fpr_swath_edge": fp_edge[0] / max(1, fp_edge[1]),
         "fpr_normal_seabed": fp_normal[0] / max(1, fp_normal[1]),
     }
 
@@ -76,7 +85,14 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("bench_out"))
     p.add_argument("--eval-step", type=int, default=4)
     p.add_argument("--scheduler", default="")
+    p.add_argument("--evaluate-only", action="store_true", help="only re-read finished stores in --workdir")
     args = p.parse_args()
+    if args.evaluate_only:
+        for size in (args.small, args.large):
+            q = evaluate(SonarScene(size, size, seed=23), str(args.workdir / f"mosaic_{size}.zarr"),
+                         1 if size <= 4096 else args.eval_step)
+            print(size, {k: round(v, 4) for k, v in q.items()})
+        return
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -106,6 +122,7 @@ def main() -> None:
             f"{summary['megapixels_per_second']:.2f} Mpx/s, {summary['seconds']:.0f} s, "
             f"peak {summary['peak_mib']:.0f} MiB | AUROC {quality['auroc']:.4f}, "
             f"FPR no-data {quality['fpr_nodata']:.4f}, nadir {quality['fpr_nadir']:.4f}, "
+            f"swath edges {quality['fpr_swath_edge']:.4f}, "
             f"other seabed {quality['fpr_normal_seabed']:.4f}",
             flush=True,
         )

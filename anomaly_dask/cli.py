@@ -1,0 +1,357 @@
+"""``anomaly-dask``: train a model and detect anomalies in large images from the shell.
+
+Examples
+--------
+::
+
+    anomaly-dask train normal/ --val val/ --model model.safetensors --random-state 0
+    anomaly-dask detect model.safetensors a.tif b.tif --output s3://bucket/out/ \\
+        --scheduler tcp://head:8786 --geotiff mask --storage-option anon=false
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from .params import DEFAULTS
+
+__all__ = ["build_parser", "main", "make_local_folder", "output_for", "parse_storage_options"]
+
+PROG = "anomaly-dask"
+
+#: Keyword arguments that are not detector options on the command line.
+_SKIPPED = ("client", "storage_options", "verbose")
+
+#: Options that may change how a loaded model runs (``detect``); the rest are learned.
+RUNTIME = ("chunk_size", "nodata", "overlay_color", "overlay_opacity", "device", "cnn_batchsize")
+
+#: Types of the options whose default is None.
+_NONE_TYPES: dict[str, Any] = {
+    "tile_height": int, "tile_width": int, "stride_height": int, "stride_width": int,
+    "kmeans_random": int, "random_state": int, "threshold": float, "nodata": float, "device": str,
+}
+
+_HELP = {
+    "tile": "tile size in px", "tile_height": "tile height (overrides --tile)",
+    "tile_width": "tile width (overrides --tile)", "stride": "distance between tile corners in px",
+    "stride_height": "vertical stride (overrides --stride)",
+    "stride_width": "horizontal stride (overrides --stride)",
+    "cnn_batchsize": "tiles per forward pass in patch mode",
+    "device": "torch device (cpu, cuda, ...); default: CUDA if available",
+    "pca_variance": "fraction of variance kept by PCA", "kmeans_clusters": "dictionary size",
+    "kmeans_trials": "k-means restarts when seeding the dictionary",
+    "kmeans_random": "alias of --random-state",
+    "kmeans_neighbors": "centroids averaged per tile score",
+    "threshold_mode": "how the threshold is set from validation scores",
+    "cdf": "quantile of validation scores (threshold mode cdf)",
+    "zscore": "mean + ZSCORE std of validation scores (threshold mode zscore)",
+    "threshold": "manual threshold (threshold mode manual)",
+    "auto_threshold": "learn the threshold (--no-auto-threshold: manual --threshold)",
+    "overlay_color": "overlay colour as R G B", "overlay_opacity": "overlay opacity in [0, 1]",
+    "val_fraction": "share of training images (or regions) used for validation without --val",
+    "features": "dense (one pass per chunk) or patch (one pass per tile)",
+    "backbone": "CNN backbone", "weights": "imagenet, none (random, seeded) or a state-dict path/URL",
+    "layers": "backbone stages pooled into tile features",
+    "upsample": "dense mode magnification", "patch_size": "patch mode network input size",
+    "chunk_size": "processing chunk in px", "max_fit_tiles": "most tile features held while fitting",
+    "max_train_chunks": "most training chunks used", "nodata": "no-data value of the inputs",
+    "random_state": "seed of sampling, splits, PCA, k-means and random weights",
+}
+
+_CHOICES: dict[str, list[Any]] = {
+    "threshold_mode": ["cdf", "zscore", "manual"], "features": ["dense", "patch"],
+    "upsample": [1, 2, 4],
+}
+
+
+class CliError(Exception):
+    """A user error reported as one line with exit code 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: ``anomaly-dask: error: <reason>``."""
+
+    def error(self, message: str) -> Any:  # noqa: D102 - argparse API
+        where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"{PROG}: error: {where}{message} (see --help)\n")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _weights(value: str) -> str | None:
+    return None if value.lower() == "none" else value
+
+
+def _add_detector_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    from .backbones import BACKBONES
+
+    group = parser.add_argument_group("detector options (AnomalyDetector keyword arguments)")
+    for name in names:
+        default = DEFAULTS[name]
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        shown = "none" if default is None else " ".join(map(str, default)) if isinstance(default, tuple) else default
+        helptext = f"{_HELP.get(name, name)} (default: {shown})"
+        if name == "weights":
+            kw.update(type=_weights, metavar="imagenet|none|PATH")
+        elif name == "backbone":
+            kw.update(choices=sorted(BACKBONES))
+        elif name == "layers":
+            kw.update(nargs="+", metavar="STAGE")
+        elif name == "overlay_color":
+            kw.update(nargs=3, type=int, metavar=("R", "G", "B"))
+        elif isinstance(default, bool):
+            kw.update(action=argparse.BooleanOptionalAction)
+        elif default is None:
+            kw.update(type=_NONE_TYPES[name])
+        else:
+            kw.update(type=type(default))
+        if name in _CHOICES:
+            kw["choices"] = _CHOICES[name]
+        group.add_argument(_flag(name), help=helptext, **kw)
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cluster and storage")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler")
+    where.add_argument("--scheduler-file", metavar="FILE", help="scheduler file of a running Dask cluster")
+    group.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="seconds to wait for --scheduler / --scheduler-file (default: 10)")
+    group.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="worker processes of the local cluster started otherwise (default: 1)")
+    group.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
+                       help="task threads per local worker (default: 1)")
+    group.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                       help="torch threads per task thread (default: the worker's share of the cores)")
+    group.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="fsspec option, repeatable; VALUE parsed as JSON when possible, dotted "
+                            "keys nest (client_kwargs.endpoint_url=http://...)")
+    group.add_argument("--performance-report", metavar="FILE.html",
+                       help="write a Dask performance report")
+    group.add_argument("--no-env-check", action="store_true",
+                       help="skip the client/worker package version check")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more output (-v progress logs, -vv debug and tracebacks)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``anomaly-dask`` argument parser with its ``train`` and ``detect`` subcommands."""
+    parser = _Parser(
+        prog=PROG, description="CNN-tile anomaly detection for very large images on Dask.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,detect}", required=True)
+    names = [n for n in DEFAULTS if n not in _SKIPPED]
+
+    train = sub.add_parser("train", help="learn a model from anomaly-free images",
+                           description="Learn a model from anomaly-free images and save it.")
+    train.add_argument("train", metavar="TRAIN", help="training image or folder (path or URL)")
+    train.add_argument("--val", metavar="VAL", help="validation image or folder for the threshold")
+    train.add_argument("--model", required=True, metavar="OUT_MODEL", help="model file to write (.safetensors)")
+    _add_common_options(train)
+    _add_detector_options(train, names)
+
+    detect = sub.add_parser("detect", help="score large images into zarr stores",
+                            description="Score images chunk by chunk into zarr stores (resumable).")
+    detect.add_argument("model", metavar="MODEL", help="model file written by train")
+    detect.add_argument("inputs", nargs="+", metavar="INPUT", help="images (TIFF, zarr, PNG, ...; paths or URLs)")
+    detect.add_argument("--output", required=True, metavar="OUT",
+                        help="output folder/URL prefix (<OUT>/<stem>.zarr per input), or a .zarr "
+                             "store for a single input")
+    detect.add_argument("--png-tiles", action="store_true", help="also write overlay PNG tiles")
+    detect.add_argument("--geotiff", nargs="+", choices=["mask", "score"], default=None,
+                        help="also write <store>/<name>.tif with the input's georeference")
+    detect.add_argument("--overwrite", action="store_true",
+                        help="replace stores written by another model or parameters")
+    detect.add_argument("--no-quicklook", action="store_true", help="do not write quicklook.png")
+    _add_common_options(detect)
+    _add_detector_options(detect, [n for n in names if n in RUNTIME])
+    return parser
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_storage_options(items: Sequence[str]) -> dict[str, Any] | None:
+    """``["key=value", "a.b=1"]`` -> ``{"key": "value", "a": {"b": 1}}`` (None when empty)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--storage-option {item!r} must look like KEY=VALUE")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CliError(f"--storage-option {item!r} conflicts with an earlier value of {part!r}")
+        node[leaf] = _parse_value(value)
+    return out or None
+
+
+def _stem(path: str) -> str:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".zarr", ".tiff", ".tif", ".png", ".jpg", ".jpeg"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def output_for(inputs: Sequence[str], output: str) -> list[str]:
+    """Store URL of each input: ``output`` itself for one input ending in ``.zarr``,
+    otherwise ``<output>/<stem>.zarr``."""
+    if len(inputs) == 1 and output.rstrip("/").endswith(".zarr"):
+        return [output.rstrip("/")]
+    stems = [_stem(i) for i in inputs]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise CliError(f"several inputs share the name(s) {dup}; run them into separate outputs")
+    base = output.rstrip("/")
+    return [f"{base}/{s}.zarr" for s in stems]
+
+
+def make_local_folder(url: str, options: dict[str, Any] | None) -> None:
+    """Create the output prefix when it is a local folder (object stores need none)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        fs.makedirs(path, exist_ok=True)
+
+
+def _setup_logging(args: argparse.Namespace) -> int:
+    verbose = 0 if args.quiet else min(args.verbose, 2)
+    logging.getLogger("distributed").setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+    return verbose
+
+
+class _Bar:
+    """tqdm progress bar of chunks (done / total, ETA) for one input."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled, self.bar = label, enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.label, unit="chunk", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .cluster import connect
+    from .detector import AnomalyDetector
+
+    verbose = _setup_logging(args)
+    options = parse_storage_options(args.storage_option)
+    names = [n for n in DEFAULTS if n not in _SKIPPED]
+    detector_kw = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    if "overlay_color" in detector_kw:
+        detector_kw["overlay_color"] = tuple(detector_kw["overlay_color"])
+    if args.performance_report:
+        try:
+            import bokeh  # noqa: F401 - distributed.performance_report renders with bokeh
+        except ImportError:
+            raise CliError("--performance-report needs bokeh: pip install 'bokeh>=3.1'") from None
+    if args.command == "detect":
+        stores = output_for(args.inputs, args.output)
+        if stores[0] != args.output.rstrip("/"):
+            make_local_folder(args.output, options)
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(connect(
+            args.scheduler, args.scheduler_file, workers=args.workers,
+            threads_per_worker=args.threads_per_worker, torch_threads=args.torch_threads,
+            timeout=args.connect_timeout, check=not args.no_env_check,
+        ))
+        n_workers = len(client.nthreads())
+        _say(args, f"dashboard: {client.dashboard_link} ({n_workers} workers, "
+                   f"{sum(client.nthreads().values())} threads)")
+        if args.performance_report:
+            from distributed import performance_report
+
+            stack.enter_context(performance_report(filename=args.performance_report))
+        common = {"client": client, "verbose": verbose}
+        t0 = time.perf_counter()
+        if args.command == "train":
+            ad = AnomalyDetector(**detector_kw, **common, storage_options=options).train(args.train, args.val)
+            fp = ad.save(args.model, storage_options=options)
+            _say(args, f"model {args.model} (fingerprint {fp[:12]}): threshold {ad.threshold_:.4f}, "
+                       f"{ad.n_components_} PCA components, {time.perf_counter() - t0:.1f} s")
+            return 0
+        ad = AnomalyDetector.load(args.model, storage_options=options, **detector_kw, **common)
+        pixels = anomalous = valid = 0
+        for image, store in zip(args.inputs, stores):
+            bar = _Bar(_stem(image), enabled=not args.quiet)
+            try:
+                summary = ad.detect(
+                    image, store, png_tiles=args.png_tiles, quicklook=not args.no_quicklook,
+                    geotiff=tuple(args.geotiff or ()), overwrite=args.overwrite,
+                    storage_options=options, progress=bar,
+                )
+            finally:
+                bar.close()
+            pixels += summary["height"] * summary["width"]
+            valid += summary["valid_pixels"]
+            anomalous += summary["anomalous_pixels"]
+            _say(args, f"{image} -> {store}: {summary['anomalous_fraction']:.3%} anomalous, "
+                       f"{summary['chunks']} chunks ({summary['computed_chunks']} computed), "
+                       f"{summary['seconds']:.1f} s")
+        seconds = time.perf_counter() - t0
+        _say(args, f"done: {len(stores)} image(s), {pixels / 1e6:.2f} Mpx, "
+                   f"{anomalous / max(valid, 1):.3%} anomalous, {seconds:.1f} s, "
+                   f"{pixels / 1e6 / seconds:.2f} Mpx/s")
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .errors import AnomalyDaskError
+
+    return (CliError, AnomalyDaskError, FileNotFoundError, ValueError, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anomaly-dask`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except _user_errors() as exc:
+        if getattr(args, "verbose", 0) >= 2:
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

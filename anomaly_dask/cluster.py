@@ -1,0 +1,189 @@
+"""Connect to or start a Dask cluster, check it, and size torch's threads on its workers.
+
+Used by the command line (:mod:`anomaly_dask.cli`) and the jobs in ``jobs/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .errors import AnomalyDaskError
+
+__all__ = [
+    "CHECKED_PACKAGES",
+    "ClusterError",
+    "EnvironmentMismatchError",
+    "TorchThreads",
+    "check_environment",
+    "connect",
+    "package_versions",
+]
+
+#: Packages whose versions must agree between the client and every worker.
+CHECKED_PACKAGES = ("anomaly_dask", "torch", "numpy", "dask", "distributed", "zarr")
+
+
+class ClusterError(AnomalyDaskError, ConnectionError):
+    """A Dask scheduler could not be reached, or a cluster could not be started."""
+
+
+class EnvironmentMismatchError(AnomalyDaskError, RuntimeError):
+    """Workers run other versions of the packages than the client."""
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of :data:`CHECKED_PACKAGES` in this process (``"missing"`` when absent)."""
+    out = {}
+    for name in CHECKED_PACKAGES:
+        try:
+            out[name] = _dist_version(name)
+        except PackageNotFoundError:
+            try:
+                out[name] = str(__import__(name).__version__)
+            except (ImportError, AttributeError):
+                out[name] = "missing"
+    return out
+
+
+def check_environment(client: Any, local: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """Compare package versions of the client and every worker; raise on any difference.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    local : dict, optional
+        The client's versions (default: :func:`package_versions` here).
+
+    Returns
+    -------
+    dict
+        Worker address -> package versions.
+
+    Raises
+    ------
+    EnvironmentMismatchError
+        Listing each worker, package and the two versions.
+    """
+    mine = package_versions() if local is None else local
+    theirs = client.run(package_versions)
+    bad = [
+        f"{addr}: {name} {v.get(name, 'missing')} (client has {mine[name]})"
+        for addr, v in sorted(theirs.items())
+        for name in CHECKED_PACKAGES
+        if v.get(name, "missing") != mine[name]
+    ]
+    if bad:
+        raise EnvironmentMismatchError(
+            "workers run other package versions than this client: " + "; ".join(bad)
+            + "; install the same versions everywhere"
+        )
+    return theirs
+
+
+class TorchThreads(WorkerPlugin):
+    """Worker plugin: give torch each worker's share of the cores.
+
+    Every task thread of a worker uses ``threads`` torch threads; by default
+    ``max(1, cpu_count // nthreads)`` (one worker per machine). Pass ``threads`` when
+    several workers share a machine (e.g. ``cpu_count // (n_workers * nthreads)``).
+
+    Parameters
+    ----------
+    threads : int, optional
+        Torch threads per task thread.
+    """
+
+    name = "anomaly-dask-torch-threads"
+    idempotent = False
+
+    def __init__(self, threads: int | None = None) -> None:
+        if threads is not None and threads < 1:
+            raise ValueError(f"torch threads={threads} must be >= 1")
+        self.threads = threads
+
+    def setup(self, worker: Any) -> None:
+        """Record the budget on the worker (read by the tasks) and apply it now."""
+        import torch
+
+        n = self.threads or max(1, (os.cpu_count() or 1) // max(1, worker.state.nthreads))
+        worker.anomaly_dask_torch_threads = n
+        torch.set_num_threads(n)
+
+    def teardown(self, worker: Any) -> None:
+        """Nothing to release."""
+
+
+@contextlib.contextmanager
+def connect(
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    *,
+    workers: int = 1,
+    threads_per_worker: int = 1,
+    torch_threads: int | None = None,
+    timeout: float = 10.0,
+    check: bool = True,
+) -> Iterator[Any]:
+    """Yield a ``distributed.Client`` to an existing cluster or to a new LocalCluster.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://host:8786``).
+    scheduler_file : str, optional
+        Scheduler file written by ``dask scheduler --scheduler-file``.
+    workers, threads_per_worker : int
+        Size of the LocalCluster (worker processes) started when neither is given.
+    torch_threads : int, optional
+        Torch threads per task thread (see :class:`TorchThreads`). For a LocalCluster the
+        default shares the cores: ``cpu_count // (workers * threads_per_worker)``.
+    timeout : float
+        Seconds to wait for an existing scheduler.
+    check : bool
+        Run :func:`check_environment` before yielding.
+
+    Raises
+    ------
+    ClusterError
+        The scheduler cannot be reached (naming its address) or the file is missing.
+    EnvironmentMismatchError
+        See :func:`check_environment`.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler and scheduler_file:
+        raise ClusterError("give either a scheduler address or a scheduler file, not both")
+    if workers < 1 or threads_per_worker < 1:
+        raise ClusterError(f"workers={workers} and threads_per_worker={threads_per_worker} must be >= 1")
+    with contextlib.ExitStack() as stack:
+        if scheduler or scheduler_file:
+            if scheduler_file and not os.path.exists(scheduler_file):
+                raise ClusterError(f"scheduler file {scheduler_file} does not exist")
+            where = scheduler or f"the scheduler in {scheduler_file}"
+            try:
+                client = Client(scheduler, scheduler_file=scheduler_file, timeout=timeout)
+            except (OSError, TimeoutError) as exc:
+                raise ClusterError(
+                    f"cannot reach {where} within {timeout:g} s ({type(exc).__name__}); "
+                    "check the address and that the scheduler is running"
+                ) from None
+            stack.enter_context(client)
+        else:
+            if torch_threads is None:
+                torch_threads = max(1, (os.cpu_count() or 1) // (workers * threads_per_worker))
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                dashboard_address=":0",
+            ))
+            client = stack.enter_context(Client(cluster))
+        client.register_plugin(TorchThreads(torch_threads), name=TorchThreads.name)
+        if check:
+            check_environment(client)
+        yield client

@@ -1,0 +1,219 @@
+"""Runs on a real multi-process cluster: CLI against ``dask scheduler`` / ``dask worker``
+processes, equality with a LocalCluster, a worker killed mid-run, environment check, and the
+model travelling once per worker rather than with each task."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+import zarr
+
+from anomaly_dask import AnomalyDetector, pipeline
+from anomaly_dask.cluster import EnvironmentMismatchError, check_environment, package_versions
+from anomaly_dask.synthetic import SonarScene, write_tiff
+
+from .conftest import REPO, _free_port
+
+BIN = Path(sys.executable).parent
+FAST = ["--weights", "none", "--kmeans-clusters", "8", "--kmeans-trials", "2", "--random-state", "0"]
+CHUNK = ["--chunk-size", "128"]
+HAS_BOKEH = importlib.util.find_spec("bokeh") is not None
+
+
+def _cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "anomaly_dask.cli", *args, "-q"], capture_output=True, text=True,
+        cwd=REPO, timeout=240, **kw,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A ``dask scheduler`` and two single-threaded ``dask worker`` processes (no nanny)."""
+    from distributed import Client
+
+    root = tmp_path_factory.mktemp("cluster")
+    sched_file = root / "scheduler.json"
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(subprocess.Popen(
+            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+             "--no-dashboard", "--scheduler-file", str(sched_file)],
+            env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+        workers = [
+            subprocess.Popen(
+                [str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard",
+                 "--no-nanny", "--host", "127.0.0.1", "--name", f"w{k}"],
+                env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            for k in range(2)
+        ]
+        procs += workers
+        deadline = time.time() + 60
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield {"address": address, "file": str(sched_file), "workers": workers, "root": root}
+    finally:
+        _kill(procs)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("cluster_images")
+    out = {}
+    for name, (h, w, seed, n) in {"train": (256, 256, 1, 0), "val": (192, 256, 2, 0),
+                                   "test": (512, 512, 3, 3)}.items():
+        out[name] = str(root / f"{name}.tif")
+        write_tiff(out[name], SonarScene(h, w, seed=seed, n_objects=n))
+    out["root"] = str(root)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(cluster, images) -> dict[str, Path]:
+    """train + detect through the CLI on the remote cluster and on a LocalCluster."""
+    root = Path(images["root"])
+    out = {}
+    for kind, where in (("remote", ["--scheduler", cluster["address"]]), ("local", ["--workers", "1"])):
+        model = root / f"model_{kind}.safetensors"
+        _cli("train", images["train"], "--val", images["val"], "--model", str(model), *FAST,
+             "--chunk-size", "128", *where)
+        report = ["--performance-report", str(root / f"report_{kind}.html")] if HAS_BOKEH else []
+        _cli("detect", str(model), images["test"], "--output", str(root / kind), *CHUNK, *where, *report)
+        out[kind] = root / kind / "test.zarr"
+        out[f"model_{kind}"] = model
+        out[f"report_{kind}"] = root / f"report_{kind}.html"
+    return out
+
+
+def test_remote_cluster_matches_local_cluster(runs):
+    a = zarr.open_group(str(runs["remote"]), mode="r")
+    b = zarr.open_group(str(runs["local"]), mode="r")
+    assert a.attrs["complete"] is True and b.attrs["complete"] is True
+    assert a.attrs["threshold"] == pytest.approx(b.attrs["threshold"], rel=1e-5)
+    sa, sb = a["score"][:], b["score"][:]
+    np.testing.assert_array_equal(np.isnan(sa), np.isnan(sb))
+    span = np.nanmax(sb) - np.nanmin(sb)
+    assert np.nanmax(np.abs(sa - sb)) <= 1e-5 * max(span, 1.0)
+    np.testing.assert_array_equal(a["mask"][:], b["mask"][:])
+    assert (runs["remote"] / "quicklook.png").exists()
+    if HAS_BOKEH:
+        assert runs["report_remote"].stat().st_size > 1000 and runs["report_local"].exists()
+
+
+def test_scheduler_file_and_user_errors_on_cluster(cluster, runs, images, tmp_path):
+    proc = _cli("detect", str(runs["model_remote"]), str(tmp_path / "missing.tif"), "--output",
+                str(tmp_path / "o"), "--scheduler-file", cluster["file"], check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("anomaly-dask: error: ") and "missing.tif" in lines[0]
+    proc = _cli("detect", str(tmp_path / "nomodel.safetensors"), images["test"], "--output",
+                str(tmp_path / "o"), "--scheduler", cluster["address"], check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_environment_check(cluster):
+    from distributed import Client
+
+    with Client(cluster["address"], timeout=30) as client:
+        versions = check_environment(client)
+        assert len(versions) == 2
+        assert all(v == package_versions() for v in versions.values())
+        fake = {**package_versions(), "numpy": "0.0.1"}
+        with pytest.raises(EnvironmentMismatchError, match=r"numpy .*client has 0\.0\.1"):
+            check_environment(client, local=fake)
+
+
+def test_model_travels_once_per_worker_not_with_tasks(cluster, runs, images, tmp_path, monkeypatch):
+    """Every task's payload is small (< 100 kB) while the model is MBs, and during the run
+    each worker holds exactly one copy of the extractor (the scattered model)."""
+    from distributed import Client
+
+    sizes: list[int] = []
+    copies: list[dict] = []
+    real_stream = pipeline._stream
+
+    def spy(client, fn, jobs, limit):
+        jobs = list(jobs)
+        sizes.extend(len(cloudpickle.dumps(args)) for args in jobs)
+        return real_stream(client, fn, jobs, limit)
+
+    def count_extractors(dask_worker):
+        from anomaly_dask.pipeline import Extractor
+
+        return sum(isinstance(v, Extractor) for v in dask_worker.data.values())
+
+    monkeypatch.setattr(pipeline, "_stream", spy)
+    with Client(cluster["address"], timeout=30) as client:
+        ad = AnomalyDetector.load(str(runs["model_remote"]), client=client, chunk_size=128, verbose=0)
+        model_bytes = len(cloudpickle.dumps(ad._extractor(ad._settings())))
+
+        def progress(done, total):
+            if done == 1:
+                copies.append(client.run(count_extractors))
+
+        ad.detect(images["test"], str(tmp_path / "spy.zarr"), quicklook=False, progress=progress)
+    assert model_bytes > 1_000_000
+    assert sizes and max(sizes) < 100_000, max(sizes)
+    assert copies and sorted(copies[0].values()) == [1, 1]
+
+
+def test_killed_worker_run_completes(cluster, runs, images, tmp_path):
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anomaly_dask.cli", "detect", str(runs["model_remote"]), images["test"],
+         "--output", str(out), *CHUNK, "--scheduler", cluster["address"], "-q"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        done_dir = out / "_done"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if done_dir.exists() and len(list(done_dir.iterdir())) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before a worker could be killed"
+        victim = cluster["workers"][1]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        n_at_kill = len(list(done_dir.iterdir()))
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert n_at_kill < 16
+    a = zarr.open_group(str(out), mode="r")
+    b = zarr.open_group(str(runs["remote"]), mode="r")
+    assert a.attrs["complete"] is True
+    for name in ("score", "mask", "overlay"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
