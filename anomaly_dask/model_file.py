@@ -79,7 +79,9 @@ def write_model(
 
 
 def _header(data: bytes, url: str) -> dict[str, Any]:
-    if data[:1] == b"\x80" or data[:2] == b"PK":
+    # A safetensors file starts with its header's length, then the JSON header itself.
+    looks_safetensors = len(data) >= 9 and data[8:9] == b"{"
+    if not looks_safetensors and (data[:1] == b"\x80" or data[:2] == b"PK"):
         raise ModelFileError(
             f"{url}: this is a pickle / torch.save file, not an anomaly_dask model; it is "
             f"refused because loading a pickle runs code. Retrain and save with "

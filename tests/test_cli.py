@@ -116,14 +116,3 @@ def test_missing_scheduler_file_is_one_line(tmp_path, capsys):
         ["train", "x", "--model", "m", "--scheduler-file", str(tmp_path / "nope.json")], capsys
     )
     assert code == 1 and err.count("\n") == 1 and "nope.json does not exist" in err
-
-
-def test_performance_report_without_bokeh_is_one_line(tmp_path, capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("bokeh") is not None:
-        pytest.skip("bokeh is installed")
-    code, _, err = _run_main(
-        ["train", "x", "--model", "m", "--performance-report", str(tmp_path / "r.html")], capsys
-    )
-    assert code == 1 and err.count("\n") == 1 and "needs bokeh" in err

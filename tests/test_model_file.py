@@ -109,3 +109,18 @@ def test_foreign_files_are_refused(tmp_path):
         AnomalyDetector.load(str(png))
     with pytest.raises(ModelFileError, match="does not exist"):
         AnomalyDetector.load(str(tmp_path / "missing.safetensors"))
+
+
+def test_header_length_starting_with_pickle_magic_still_loads(tmp_path):
+    """A header length whose first byte is 0x80 (pickle's magic) is still our file."""
+    from anomaly_dask.model_file import read_model, write_model
+
+    path = tmp_path / "m.safetensors"
+    for pad in range(1000):
+        write_model(str(path), {"pad": "x" * pad}, {"a": np.zeros(2, np.float32)})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no header length with a low byte of 0x80 was produced")
+    config, tensors, _ = read_model(str(path))
+    assert config["pad"] == "x" * pad and tensors["a"].shape == (2,)
