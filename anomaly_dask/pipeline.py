@@ -177,7 +177,11 @@ class Extractor:
         w = unit.window
         f, fraction, raw, (oy, ox) = self.features(unit, w.cover_rows, w.cover_cols)
         tiles = dictionary.score(f, n_neighbors)
-        weights = None if fraction is None else (fraction >= self.min_valid).astype(np.float32)
+        weights = None
+        if fraction is not None:
+            # Prefer tiles wholly on data; tiles partly in no-data count only where a pixel
+            # has no such tile; tiles mostly in no-data never count.
+            weights = np.where(fraction >= 1.0, 1.0, np.where(fraction >= self.min_valid, 1e-3, 0.0))
         scores = pixel_scores_from_tiles(
             tiles, unit.grid, (w.cover_rows[0], w.cover_cols[0]), (w.y0, w.y1, w.x0, w.x1), weights
         )
