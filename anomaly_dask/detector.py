@@ -13,7 +13,7 @@ import numpy as np
 
 from . import pipeline
 from .backbones import build_backbone, fold_batchnorm, resolve_weights
-from .dictionary import Dictionary, threshold_from_scores
+from .dictionary import Dictionary, cluster_offsets, threshold_from_scores
 from .errors import ImageReadError, NotFittedError, ParameterError
 from .features import FeatureConfig
 from .grid import TileGrid
@@ -219,7 +219,7 @@ class AnomalyDetector:
                 n_init=s["kmeans_trials"], max_fit_tiles=s["max_fit_tiles"], random_state=seed,
             )
             dict_future = client.scatter(dictionary, broadcast=True)
-            scores = pipeline.validation_scores(
+            scores, labels = pipeline.validation_scores(
                 client, extractor, dict_future, val_units, s["kmeans_neighbors"],
                 s["max_fit_tiles"], seed,
             )
@@ -227,6 +227,11 @@ class AnomalyDetector:
         self.threshold_ = threshold_from_scores(
             scores, s["threshold_mode"], s["cdf"], s["zscore"], s["threshold"]
         )
+        if s["cluster_thresholds"]:
+            dictionary.offsets = cluster_offsets(
+                scores, labels, len(dictionary.centroids), self.threshold_,
+                s["threshold_mode"], s["cdf"], s["zscore"],
+            )
         self.validation_scores_summary_ = {
             "count": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()),
             "max": float(scores.max()),

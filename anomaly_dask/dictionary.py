@@ -15,7 +15,7 @@ from sklearn.decomposition import PCA
 
 from .errors import ParameterError
 
-__all__ = ["Dictionary", "fit_projection", "init_kmeans", "threshold_from_scores"]
+__all__ = ["Dictionary", "cluster_offsets", "fit_projection", "init_kmeans", "threshold_from_scores"]
 
 
 @dataclass
@@ -30,6 +30,9 @@ class Dictionary:
         StandardScaler fitted on the PCA projections.
     centroids : ndarray (k, d)
         k-means centres of normal tiles, in scaled PCA space.
+    offsets : ndarray (k,), optional
+        Per-centroid score offsets (see :func:`cluster_offsets`), subtracted from the score
+        of each tile according to its nearest centroid.
     """
 
     pca_mean: np.ndarray
@@ -37,6 +40,7 @@ class Dictionary:
     scaler_mean: np.ndarray
     scaler_scale: np.ndarray
     centroids: np.ndarray | None = None
+    offsets: np.ndarray | None = None
 
     def __setattr__(self, name: str, value: object) -> None:
         # One memory layout whatever the origin (fit or file), so BLAS rounds identically.
@@ -50,7 +54,8 @@ class Dictionary:
         return ((z - self.scaler_mean) / self.scaler_scale).astype(np.float32)
 
     def score(self, features: np.ndarray, n_neighbors: int = 1) -> np.ndarray:
-        """Mean Euclidean distance of each tile to its ``n_neighbors`` nearest centroids.
+        """Mean Euclidean distance of each tile to its ``n_neighbors`` nearest centroids,
+        less the nearest centroid's offset when ``offsets`` is set.
 
         Parameters
         ----------
@@ -63,6 +68,13 @@ class Dictionary:
         -------
         ndarray of float32, shape (...)
         """
+        s, labels = self.score_and_label(features, n_neighbors)
+        if self.offsets is not None:
+            s = s - self.offsets[labels]
+        return s
+
+    def score_and_label(self, features: np.ndarray, n_neighbors: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores (no offsets) and the index of each tile's nearest centroid."""
         if self.centroids is None:
             raise RuntimeError("dictionary has no centroids yet")
         lead = features.shape[:-1]
@@ -71,11 +83,12 @@ class Dictionary:
         d2 = (z * z).sum(1)[:, None] - 2.0 * z @ c.T + (c * c).sum(1)[None, :]
         d = np.sqrt(np.maximum(d2, 0.0))
         k = min(n_neighbors, c.shape[0])
+        labels = d.argmin(axis=1)
         if k == 1:
-            s = d.min(axis=1)
+            s = d[np.arange(len(d)), labels]
         else:
             s = np.partition(d, k - 1, axis=1)[:, :k].mean(axis=1)
-        return s.astype(np.float32).reshape(lead)
+        return s.astype(np.float32).reshape(lead), labels.reshape(lead)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """All arrays by name (for the model file)."""
@@ -87,6 +100,8 @@ class Dictionary:
         }
         if self.centroids is not None:
             out["centroids"] = self.centroids
+        if self.offsets is not None:
+            out["offsets"] = self.offsets
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
@@ -170,3 +185,36 @@ def threshold_from_scores(
     if mode == "zscore":
         return float(scores.mean() + zscore * scores.std())
     raise ParameterError(f"threshold_mode={mode!r} is invalid; use 'cdf', 'zscore' or 'manual'")
+
+
+def cluster_offsets(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    n_clusters: int,
+    threshold: float,
+    mode: str,
+    cdf: float,
+    zscore: float,
+    min_tiles: int = 100,
+) -> np.ndarray:
+    """Per-centroid offsets that judge each cluster's tiles against their own spread.
+
+    Normal but rare or varied appearance (sonar nadir bands, swath edges, seams) forms
+    clusters whose validation tiles lie far from their centre; with one global threshold
+    they would take most false positives. A cluster with at least ``min_tiles`` validation
+    tiles gets the threshold its own scores give (same rule as the global one); where that
+    exceeds the global ``threshold`` the difference becomes its offset. Offsets are never
+    negative, so no cluster is judged more strictly than globally.
+
+    Returns
+    -------
+    ndarray of float32, shape (n_clusters,)
+    """
+    offsets = np.zeros(n_clusters, dtype=np.float32)
+    if mode == "manual":
+        return offsets
+    for k in range(n_clusters):
+        own = scores[labels == k]
+        if len(own) >= min_tiles:
+            offsets[k] = max(0.0, threshold_from_scores(own, mode, cdf, zscore, None) - threshold)
+    return offsets

@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "max_fit_tiles": 100_000,
     "max_train_chunks": 256,
     "nodata": None,
+    "cluster_thresholds": True,
     "random_state": None,
     "client": None,
     "storage_options": None,
@@ -159,6 +160,7 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
     out["max_train_chunks"] = _int("max_train_chunks", p["max_train_chunks"], 1)
     if p["nodata"] is not None:
         out["nodata"] = _real("nodata", p["nodata"], float("-inf"), float("inf"), False, False) if p["nodata"] == p["nodata"] else float("nan")
+    out["cluster_thresholds"] = bool(p["cluster_thresholds"])
     seed = p["random_state"] if p["random_state"] is not None else p["kmeans_random"]
     out["random_state"] = None if seed is None else _int("random_state", seed, 0)
     out["kmeans_random"] = out["random_state"]

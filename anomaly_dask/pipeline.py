@@ -210,7 +210,8 @@ def _project_task(extractor: Extractor, dictionary: Dictionary, unit: Unit, seed
 def _tile_score_task(
     extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, n: int, seed: int
 ) -> np.ndarray:
-    return _subsample(dictionary.score(extractor.owned(unit), n_neighbors), n, seed)
+    scores, labels = dictionary.score_and_label(extractor.owned(unit), n_neighbors)
+    return _subsample(np.stack([scores, labels.astype(np.float32)], axis=1), n, seed)
 
 
 def _pixel_score_task(
@@ -391,13 +392,21 @@ def validation_scores(
     max_scores: int,
     random_state: int,
 ) -> np.ndarray:
-    """Tile scores of the validation units (each tile once), at most about ``max_scores``."""
+    """Raw tile scores of the validation units (each tile once), at most about ``max_scores``.
+
+    Returns
+    -------
+    scores : ndarray of float32
+    labels : ndarray of int
+        Each tile's nearest centroid.
+    """
     rng = np.random.default_rng(random_state)
     per_unit = max(1000, max_scores // max(1, len(units)))
     jobs = [
         (extractor, dictionary, u, n_neighbors, per_unit, int(rng.integers(0, 2**31))) for u in units
     ]
-    return np.concatenate(list(_stream(client, _tile_score_task, jobs, _in_flight(client), ordered=True)))
+    both = np.concatenate(list(_stream(client, _tile_score_task, jobs, _in_flight(client), ordered=True)))
+    return both[:, 0].astype(np.float32), both[:, 1].astype(np.int64)
 
 
 def score_array(

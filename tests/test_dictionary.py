@@ -1,0 +1,49 @@
+"""Dictionary maths: scores, labels, per-cluster offsets, thresholds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anomaly_dask.dictionary import Dictionary, cluster_offsets, threshold_from_scores
+
+
+def _dictionary() -> Dictionary:
+    eye = np.eye(2, dtype=np.float32)
+    return Dictionary(
+        pca_mean=np.zeros(2), pca_components=eye, scaler_mean=np.zeros(2), scaler_scale=np.ones(2),
+        centroids=np.array([[0.0, 0.0], [10.0, 0.0]]),
+    )
+
+
+def test_scores_are_distances_to_the_nearest_centroid():
+    d = _dictionary()
+    s, labels = d.score_and_label(np.array([[1.0, 0.0], [9.0, 0.0], [5.0, 3.0]]))
+    np.testing.assert_allclose(s, [1.0, 1.0, np.hypot(5, 3)], rtol=1e-6)
+    assert labels.tolist() == [0, 1, 0]
+    assert d.score(np.array([[3.0, 4.0]]), n_neighbors=2)[0] == pytest.approx((5 + np.hypot(7, 4)) / 2)
+
+
+def test_offsets_judge_a_broad_cluster_against_its_own_spread():
+    rng = np.random.default_rng(0)
+    tight = rng.normal(0, 0.1, 2000)  # cluster 0: small distances
+    broad = np.abs(rng.normal(0, 3.0, 2000))  # cluster 1: rare, varied normal appearance
+    scores = np.abs(np.concatenate([tight, broad])).astype(np.float32)
+    labels = np.repeat([0, 1], 2000)
+    t = threshold_from_scores(scores, "cdf", 0.95, 1.645, None)
+    off = cluster_offsets(scores, labels, 3, t, "cdf", 0.95, 1.645, min_tiles=100)
+    assert off[0] == 0.0 and off[2] == 0.0  # tight cluster never stricter; empty cluster untouched
+    assert off[1] > 0
+    # after the offsets each populated cluster flags about 5 % of its own tiles at most
+    shifted = scores - off[labels]
+    assert (shifted[labels == 1] >= t).mean() == pytest.approx(0.05, abs=0.01)
+    assert (shifted[labels == 0] >= t).mean() <= 0.05
+    assert not cluster_offsets(scores, labels, 3, t, "manual", 0.95, 1.645).any()
+
+
+def test_offsets_apply_by_nearest_centroid_and_persist():
+    d = _dictionary()
+    d.offsets = np.array([0.0, 0.5])
+    np.testing.assert_allclose(d.score(np.array([[1.0, 0.0], [9.0, 0.0]])), [1.0, 0.5], rtol=1e-6)
+    assert set(d.arrays()) >= {"centroids", "offsets"}
+    np.testing.assert_array_equal(Dictionary(**d.arrays()).offsets, d.offsets)
