@@ -65,6 +65,8 @@ _HELP = {
     "chunk_size": "processing chunk in px", "max_fit_tiles": "most tile features held while fitting",
     "max_train_chunks": "most training chunks used", "nodata": "no-data value of the inputs",
     "random_state": "seed of sampling, splits, PCA, k-means and random weights",
+    "cluster_thresholds": "judge each dictionary cluster against its own validation spread",
+    "context_thresholds": "judge tiles near no-data against validation tiles near no-data",
 }
 
 _CHOICES: dict[str, list[Any]] = {

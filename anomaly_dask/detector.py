@@ -13,7 +13,13 @@ import numpy as np
 
 from . import pipeline
 from .backbones import build_backbone, fold_batchnorm, resolve_weights
-from .dictionary import Dictionary, cluster_offsets, threshold_from_scores
+from .dictionary import (
+    CONTEXT_LEVELS,
+    Dictionary,
+    context_classes,
+    group_offsets,
+    threshold_from_scores,
+)
 from .errors import ImageReadError, NotFittedError, ParameterError
 from .features import FeatureConfig
 from .grid import TileGrid
@@ -219,7 +225,7 @@ class AnomalyDetector:
                 n_init=s["kmeans_trials"], max_fit_tiles=s["max_fit_tiles"], random_state=seed,
             )
             dict_future = client.scatter(dictionary, broadcast=True)
-            scores, labels = pipeline.validation_scores(
+            scores, labels, context, partial = pipeline.validation_scores(
                 client, extractor, dict_future, val_units, s["kmeans_neighbors"],
                 s["max_fit_tiles"], seed,
             )
@@ -227,11 +233,19 @@ class AnomalyDetector:
         self.threshold_ = threshold_from_scores(
             scores, s["threshold_mode"], s["cdf"], s["zscore"], s["threshold"]
         )
+        rule = (s["threshold_mode"], s["cdf"], s["zscore"])
         if s["cluster_thresholds"]:
-            dictionary.offsets = cluster_offsets(
-                scores, labels, len(dictionary.centroids), self.threshold_,
-                s["threshold_mode"], s["cdf"], s["zscore"],
+            dictionary.offsets = group_offsets(
+                scores, labels, len(dictionary.centroids), self.threshold_, *rule
             )
+        if s["context_thresholds"]:
+            # Then tiles near no-data against validation tiles with as much no-data around.
+            levels = np.asarray(CONTEXT_LEVELS, dtype=np.float32)
+            classes = context_classes(context, partial, levels)
+            residual = scores if dictionary.offsets is None else scores - dictionary.offsets[labels]
+            offsets = group_offsets(residual, classes, 2 * len(levels) + 1, self.threshold_, *rule)
+            offsets[0] = 0.0
+            dictionary.context_levels, dictionary.context_offsets = levels, offsets
         self.validation_scores_summary_ = {
             "count": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()),
             "max": float(scores.max()),

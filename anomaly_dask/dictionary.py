@@ -15,7 +15,47 @@ from sklearn.decomposition import PCA
 
 from .errors import ParameterError
 
-__all__ = ["Dictionary", "cluster_offsets", "fit_projection", "init_kmeans", "threshold_from_scores"]
+__all__ = [
+    "CONTEXT_LEVELS",
+    "Dictionary",
+    "context_classes",
+    "group_offsets",
+    "fit_projection",
+    "init_kmeans",
+    "threshold_from_scores",
+]
+
+#: Boundaries of the context classes of tiles near no-data (see :func:`context_classes`).
+CONTEXT_LEVELS = (1.0, 0.9, 0.75, 0.6)
+
+
+def context_classes(context: np.ndarray, partial: np.ndarray | None, levels: np.ndarray) -> np.ndarray:
+    """Context class of each tile, from how much no-data the backbone saw around and in it.
+
+    A tile wholly on data whose surroundings are too is class 0. Other tiles wholly on data
+    take classes 1 to ``m`` by how many of the ``m`` decreasing ``levels`` their
+    surroundings' valid share falls below; tiles partly in no-data take classes ``m + 1``
+    to ``2 m`` the same way (their share is always below ``levels[0] = 1``).
+
+    Parameters
+    ----------
+    context : ndarray
+        Valid share of each tile's surroundings (the tile grown by a margin), in ``[0, 1]``.
+    partial : ndarray of bool or None
+        Tiles that are themselves partly in no-data; None when none is.
+    levels : ndarray (m,)
+        Decreasing class boundaries, the first one 1.
+
+    Returns
+    -------
+    ndarray of int, same shape as ``context``, in ``[0, 2 m]``.
+    """
+    c = np.asarray(context, dtype=np.float32)
+    levels = np.asarray(levels, dtype=np.float32)
+    classes = (c[..., None] < levels).sum(axis=-1)
+    if partial is not None:
+        classes = np.where(partial, len(levels) + np.maximum(classes, 1), classes)
+    return classes
 
 
 @dataclass
@@ -31,8 +71,14 @@ class Dictionary:
     centroids : ndarray (k, d)
         k-means centres of normal tiles, in scaled PCA space.
     offsets : ndarray (k,), optional
-        Per-centroid score offsets (see :func:`cluster_offsets`), subtracted from the score
+        Per-centroid score offsets (see :func:`group_offsets`), subtracted from the score
         of each tile according to its nearest centroid.
+    context_levels : ndarray (m,), optional
+        Boundaries of the context classes (see :func:`context_classes`).
+    context_offsets : ndarray (2 m + 1,), optional
+        Score offsets of tiles by context class (0 for class 0), subtracted after the
+        centroid offsets: tiles near no-data are judged against validation tiles with as
+        much no-data around and in them.
     """
 
     pca_mean: np.ndarray
@@ -41,6 +87,8 @@ class Dictionary:
     scaler_scale: np.ndarray
     centroids: np.ndarray | None = None
     offsets: np.ndarray | None = None
+    context_levels: np.ndarray | None = None
+    context_offsets: np.ndarray | None = None
 
     def __setattr__(self, name: str, value: object) -> None:
         # One memory layout whatever the origin (fit or file), so BLAS rounds identically.
@@ -53,9 +101,16 @@ class Dictionary:
         z = (features.astype(np.float32) - self.pca_mean) @ self.pca_components.T
         return ((z - self.scaler_mean) / self.scaler_scale).astype(np.float32)
 
-    def score(self, features: np.ndarray, n_neighbors: int = 1) -> np.ndarray:
+    def score(
+        self,
+        features: np.ndarray,
+        n_neighbors: int = 1,
+        context: np.ndarray | None = None,
+        partial: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Mean Euclidean distance of each tile to its ``n_neighbors`` nearest centroids,
-        less the nearest centroid's offset when ``offsets`` is set.
+        less the nearest centroid's offset when ``offsets`` is set, less the tile's context
+        offset when ``context_offsets`` is set and ``context`` is given.
 
         Parameters
         ----------
@@ -63,6 +118,10 @@ class Dictionary:
             Raw tile features; leading axes are kept.
         n_neighbors : int
             Number of nearest centroids averaged.
+        context : ndarray (...), optional
+            Valid share of each tile's surroundings; None when all are valid.
+        partial : ndarray of bool (...), optional
+            Tiles partly in no-data (see :func:`context_classes`).
 
         Returns
         -------
@@ -71,6 +130,8 @@ class Dictionary:
         s, labels = self.score_and_label(features, n_neighbors)
         if self.offsets is not None:
             s = s - self.offsets[labels]
+        if context is not None and self.context_offsets is not None:
+            s = s - self.context_offsets[context_classes(context, partial, self.context_levels)]
         return s
 
     def score_and_label(self, features: np.ndarray, n_neighbors: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -100,8 +161,9 @@ class Dictionary:
         }
         if self.centroids is not None:
             out["centroids"] = self.centroids
-        if self.offsets is not None:
-            out["offsets"] = self.offsets
+        for name in ("offsets", "context_levels", "context_offsets"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
@@ -187,33 +249,49 @@ def threshold_from_scores(
     raise ParameterError(f"threshold_mode={mode!r} is invalid; use 'cdf', 'zscore' or 'manual'")
 
 
-def cluster_offsets(
+def group_offsets(
     scores: np.ndarray,
     labels: np.ndarray,
-    n_clusters: int,
+    n_groups: int,
     threshold: float,
     mode: str,
     cdf: float,
     zscore: float,
     min_tiles: int = 100,
 ) -> np.ndarray:
-    """Per-centroid offsets that judge each cluster's tiles against their own spread.
+    """Per-group score offsets that judge each group's tiles against their own spread.
 
-    Normal but rare or varied appearance (sonar nadir bands, swath edges, seams) forms
-    clusters whose validation tiles lie far from their centre; with one global threshold
-    they would take most false positives. A cluster with at least ``min_tiles`` validation
-    tiles gets the threshold its own scores give (same rule as the global one); where that
-    exceeds the global ``threshold`` the difference becomes its offset. Offsets are never
-    negative, so no cluster is judged more strictly than globally.
+    Groups are nearest centroids or context classes. Normal but rare or varied appearance
+    (sonar nadir bands, swath edges, seams) forms groups whose validation tiles score
+    high; with one global threshold they would take most false positives. A group with at
+    least ``min_tiles`` validation tiles gets the threshold its own scores give (same rule
+    as the global one); where that exceeds the global ``threshold`` the difference becomes
+    its offset. Offsets are never negative, so no group is judged more strictly than
+    globally.
+
+    Parameters
+    ----------
+    scores : ndarray (n,)
+        Validation tile scores.
+    labels : ndarray of int (n,)
+        Group of each tile, in ``[0, n_groups)``.
+    n_groups : int
+        Number of groups.
+    threshold : float
+        The global threshold.
+    mode, cdf, zscore
+        Threshold rule, as in :func:`threshold_from_scores`.
+    min_tiles : int
+        Fewest validation tiles a group needs for its own threshold.
 
     Returns
     -------
-    ndarray of float32, shape (n_clusters,)
+    ndarray of float32, shape (n_groups,)
     """
-    offsets = np.zeros(n_clusters, dtype=np.float32)
+    offsets = np.zeros(n_groups, dtype=np.float32)
     if mode == "manual":
         return offsets
-    for k in range(n_clusters):
+    for k in range(n_groups):
         own = scores[labels == k]
         if len(own) >= min_tiles:
             offsets[k] = max(0.0, threshold_from_scores(own, mode, cdf, zscore, None) - threshold)

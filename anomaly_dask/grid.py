@@ -23,9 +23,11 @@ __all__ = [
     "Window",
     "axis_chunks",
     "chunk_windows",
+    "masked_box_mean",
     "pixel_scores_from_tiles",
     "regular_windows",
     "tile_fractions",
+    "tiles_covering",
 ]
 
 
@@ -129,6 +131,18 @@ def _cover_range(p0: int, p1: int, tile: int, stride: int, n: int) -> tuple[int,
     return (min(lo, hi), hi + 1)
 
 
+def tiles_covering(
+    grid: TileGrid, pixels: tuple[int, int, int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Half-open tile row and column ranges covering a pixel rectangle ``(y0, y1, x0, x1)``
+    (with the nearest tiles for pixels past the last one)."""
+    y0, y1, x0, x1 = pixels
+    return (
+        _cover_range(y0, y1, grid.tile_h, grid.stride_h, grid.n_rows),
+        _cover_range(x0, x1, grid.tile_w, grid.stride_w, grid.n_cols),
+    )
+
+
 def chunk_windows(grid: TileGrid, chunk: int) -> list[list[Window]]:
     """Cut ``grid``'s image into chunks of about ``chunk`` pixels a side.
 
@@ -206,9 +220,13 @@ def _prefix2(a: np.ndarray) -> np.ndarray:
 
 
 def tile_fractions(
-    valid: np.ndarray, tile_offset: tuple[int, int], n_tiles: tuple[int, int], grid: TileGrid
+    valid: np.ndarray,
+    tile_offset: tuple[int, int],
+    n_tiles: tuple[int, int],
+    grid: TileGrid,
+    margin: int = 0,
 ) -> np.ndarray:
-    """Fraction of valid pixels in each tile of a window.
+    """Fraction of valid pixels in each tile of a window, or in each tile grown by a margin.
 
     Parameters
     ----------
@@ -220,17 +238,24 @@ def tile_fractions(
         Tile rows and columns.
     grid : TileGrid
         Tile size and stride.
+    margin : int
+        Pixels added on every side of each tile (the window must hold them).
 
     Returns
     -------
     ndarray of float32, shape n_tiles
     """
+    if min(tile_offset) < margin:
+        raise ValueError("the window does not hold the margin around the first tile")
     p = _prefix2(valid)
-    ys = tile_offset[0] + grid.stride_h * np.arange(n_tiles[0])
-    xs = tile_offset[1] + grid.stride_w * np.arange(n_tiles[1])
-    ye, xe = ys + grid.tile_h, xs + grid.tile_w
+    ys = tile_offset[0] - margin + grid.stride_h * np.arange(n_tiles[0])
+    xs = tile_offset[1] - margin + grid.stride_w * np.arange(n_tiles[1])
+    ye, xe = ys + grid.tile_h + 2 * margin, xs + grid.tile_w + 2 * margin
+    if ye[-1] > valid.shape[0] or xe[-1] > valid.shape[1]:
+        raise ValueError("the window does not hold the margin around the last tile")
     total = p[np.ix_(ye, xe)] - p[np.ix_(ys, xe)] - p[np.ix_(ye, xs)] + p[np.ix_(ys, xs)]
-    return (total / (grid.tile_h * grid.tile_w)).astype(np.float32)
+    area = (grid.tile_h + 2 * margin) * (grid.tile_w + 2 * margin)
+    return (total / area).astype(np.float32)
 
 
 def pixel_scores_from_tiles(
@@ -281,6 +306,40 @@ def pixel_scores_from_tiles(
     wsum = box(weights)
     weighted = box(tile_scores * weights) / np.where(wsum > 0, wsum, 1.0)
     return np.where(wsum > 1e-9, weighted, plain).astype(np.float32)
+
+
+def masked_box_mean(values: np.ndarray, mask: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of ``values`` where ``mask`` holds, over the square of ``radius`` around each
+    pixel (clipped to the array).
+
+    Parameters
+    ----------
+    values : ndarray (h, w)
+    mask : ndarray of bool (h, w)
+        Pixels that count.
+    radius : int
+        Half side of the square, in pixels.
+
+    Returns
+    -------
+    mean : ndarray of float32 (h, w)
+        NaN where no pixel of the square counts.
+    count : ndarray of int (h, w)
+        Pixels counted.
+    """
+    h, w = values.shape
+    ys, xs = np.arange(h), np.arange(w)
+    y_lo, y_hi = np.maximum(ys - radius, 0), np.minimum(ys + radius + 1, h)
+    x_lo, x_hi = np.maximum(xs - radius, 0), np.minimum(xs + radius + 1, w)
+
+    def box(a: np.ndarray) -> np.ndarray:
+        p = _prefix2(a)
+        return p[np.ix_(y_hi, x_hi)] - p[np.ix_(y_lo, x_hi)] - p[np.ix_(y_hi, x_lo)] + p[np.ix_(y_lo, x_lo)]
+
+    count = np.rint(box(mask)).astype(np.int64)
+    total = box(np.where(mask, values, 0.0))
+    mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return mean.astype(np.float32), count
 
 
 def lattice_floor(value: int, step: int) -> int:

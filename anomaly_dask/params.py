@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "max_train_chunks": 256,
     "nodata": None,
     "cluster_thresholds": True,
+    "context_thresholds": True,
     "random_state": None,
     "client": None,
     "storage_options": None,
@@ -161,6 +162,7 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
     if p["nodata"] is not None:
         out["nodata"] = _real("nodata", p["nodata"], float("-inf"), float("inf"), False, False) if p["nodata"] == p["nodata"] else float("nan")
     out["cluster_thresholds"] = bool(p["cluster_thresholds"])
+    out["context_thresholds"] = bool(p["context_thresholds"])
     seed = p["random_state"] if p["random_state"] is not None else p["kmeans_random"]
     out["random_state"] = None if seed is None else _int("random_state", seed, 0)
     out["kmeans_random"] = out["random_state"]

@@ -27,8 +27,10 @@ from .grid import (
     Window,
     chunk_windows,
     lattice_floor,
+    masked_box_mean,
     pixel_scores_from_tiles,
     tile_fractions,
+    tiles_covering,
 )
 from .outputs import display_rgb, overlay_image
 from .sources import ImageSource, Intensity, read_window, to_unit_rgb, valid_pixels
@@ -138,9 +140,17 @@ class Extractor:
         x0, x1, ox = _axis_window(*cols, g.stride_w, g.tile_w, halo, lattice)
         return read_window(unit.source, y0, y1, x0, x1), (y0, y1, x0, x1), (oy, ox)
 
+    def edge_reach(self, grid: TileGrid) -> int:
+        """Pixels a valid pixel that no tile wholly on data covers looks for covered ones."""
+        return max(grid.tile_h, grid.tile_w) // 2
+
+    def context_margin(self, grid: TileGrid) -> int:
+        """Pixels around a tile counted in its context share (see :meth:`features`)."""
+        return min(grid.tile_h, grid.tile_w, self.config.halo(self.backbone))
+
     def features(
         self, unit: Unit, rows: tuple[int, int], cols: tuple[int, int]
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, tuple[int, int]]:
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray, tuple[int, int]]:
         """Features of tiles ``rows x cols`` of the unit's image.
 
         Returns
@@ -148,6 +158,10 @@ class Extractor:
         features : ndarray (r, c, D)
         valid_fraction : ndarray (r, c) or None
             Share of valid pixels per tile; None when the window holds no no-data.
+        context : ndarray (r, c) or None
+            Share of valid pixels in each tile grown by :meth:`context_margin` on every
+            side (what the backbone saw of the no-data fill); None when the window holds
+            no no-data.
         raw : ndarray (h, w, channels)
             The raw window read (chunk plus halo).
         origin : (int, int)
@@ -159,33 +173,62 @@ class Extractor:
         valid = valid_pixels(raw, self.nodata if self.nodata is not None else unit.source.nodata)
         pixels = to_unit_rgb(raw, self.intensity, valid)
         feats = tile_features(self.backbone, self.config, pixels, offset, n, unit.grid)
-        fraction = None if valid is None else tile_fractions(valid, offset, n, unit.grid)
-        return feats, fraction, raw, (y0, x0)
+        fraction = context = None
+        if valid is not None:
+            fraction = tile_fractions(valid, offset, n, unit.grid)
+            context = tile_fractions(valid, offset, n, unit.grid, self.context_margin(unit.grid))
+        return feats, fraction, context, raw, (y0, x0)
 
-    def owned(self, unit: Unit) -> np.ndarray:
-        """Features (n, D) of the tiles a unit owns, less those mostly in no-data."""
-        f, fraction, _, _ = self.features(unit, unit.window.own_rows, unit.window.own_cols)
+    def owned(self, unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features (n, D), context shares (n,) and valid shares (n,) of the tiles a unit
+        owns, less those mostly in no-data."""
+        f, fraction, context, _, _ = self.features(unit, unit.window.own_rows, unit.window.own_cols)
         f = f.reshape(-1, f.shape[-1])
-        if fraction is not None:
-            f = f[fraction.ravel() >= self.min_valid]
-        return f
+        if fraction is None:
+            ones = np.ones(len(f), dtype=np.float32)
+            return f, ones, ones
+        keep = fraction.ravel() >= self.min_valid
+        return f[keep], context.ravel()[keep], fraction.ravel()[keep]
 
     def pixel_scores(
         self, unit: Unit, dictionary: Dictionary, n_neighbors: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Pixel scores of a unit's chunk (NaN on no-data) and its raw pixels."""
+        """Pixel scores of a unit's chunk (NaN on no-data) and its raw pixels.
+
+        Where the window holds no-data, a valid pixel takes the mean score of the tiles
+        wholly on data that cover it; a pixel no such tile covers (within a stride or so of
+        no-data) takes the mean of the covered pixels within :meth:`edge_reach` of it, so
+        that tiles partly filled in are not what judges it; only where there are none
+        (slivers of data) do tiles mostly on data count.
+        """
         w = unit.window
-        f, fraction, raw, (oy, ox) = self.features(unit, w.cover_rows, w.cover_cols)
-        tiles = dictionary.score(f, n_neighbors)
-        weights = None
-        if fraction is not None:
-            # Prefer tiles wholly on data; tiles partly in no-data count only where a pixel
-            # has no such tile; tiles mostly in no-data never count.
-            weights = np.where(fraction >= 1.0, 1.0, np.where(fraction >= self.min_valid, 1e-3, 0.0))
-        scores = pixel_scores_from_tiles(
-            tiles, unit.grid, (w.cover_rows[0], w.cover_cols[0]), (w.y0, w.y1, w.x0, w.x1), weights
-        )
+        g = unit.grid
+        reach = self.edge_reach(g)
+        ext = (max(0, w.y0 - reach), min(g.height, w.y1 + reach), max(0, w.x0 - reach), min(g.width, w.x1 + reach))
+        rows, cols = tiles_covering(g, ext)
+        f, fraction, context, raw, (oy, ox) = self.features(unit, rows, cols)
         chunk_raw = raw[w.y0 - oy : w.y1 - oy, w.x0 - ox : w.x1 - ox]
+        if fraction is None:
+            tiles = dictionary.score(f, n_neighbors)
+            return pixel_scores_from_tiles(tiles, g, (rows[0], cols[0]), (w.y0, w.y1, w.x0, w.x1)), chunk_raw
+        full = fraction >= 1.0
+        tiles = dictionary.score(f, n_neighbors, context, ~full)
+        origin = (rows[0], cols[0])
+        on_data = pixel_scores_from_tiles(tiles, g, origin, ext, full.astype(np.float64))
+        covered = pixel_scores_from_tiles(full.astype(np.float32), g, origin, ext) > 0
+        near, count = masked_box_mean(on_data, covered, reach)
+        partial = (fraction >= self.min_valid).astype(np.float64)
+        inner = (w.y0 - ext[0], w.y0 - ext[0] + w.shape[0], w.x0 - ext[2], w.x0 - ext[2] + w.shape[1])
+        crop = (slice(inner[0], inner[1]), slice(inner[2], inner[3]))
+        scores = np.where(
+            covered[crop],
+            on_data[crop],
+            np.where(
+                count[crop] > 0,
+                near[crop],
+                pixel_scores_from_tiles(tiles, g, origin, (w.y0, w.y1, w.x0, w.x1), partial),
+            ),
+        ).astype(np.float32)
         valid = valid_pixels(chunk_raw, self.nodata if self.nodata is not None else unit.source.nodata)
         if valid is not None:
             scores[~valid] = np.nan
@@ -199,19 +242,20 @@ def _subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def _sample_task(extractor: Extractor, unit: Unit, n: int, seed: int) -> np.ndarray:
-    return _subsample(extractor.owned(unit), n, seed)
+    return _subsample(extractor.owned(unit)[0], n, seed)
 
 
 def _project_task(extractor: Extractor, dictionary: Dictionary, unit: Unit, seed: int) -> np.ndarray:
-    z = dictionary.transform(extractor.owned(unit))
+    z = dictionary.transform(extractor.owned(unit)[0])
     return z[np.random.default_rng(seed).permutation(len(z))]
 
 
 def _tile_score_task(
     extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, n: int, seed: int
 ) -> np.ndarray:
-    scores, labels = dictionary.score_and_label(extractor.owned(unit), n_neighbors)
-    return _subsample(np.stack([scores, labels.astype(np.float32)], axis=1), n, seed)
+    features, context, fraction = extractor.owned(unit)
+    scores, labels = dictionary.score_and_label(features, n_neighbors)
+    return _subsample(np.stack([scores, labels.astype(np.float32), context, fraction], axis=1), n, seed)
 
 
 def _pixel_score_task(
@@ -391,7 +435,7 @@ def validation_scores(
     n_neighbors: int,
     max_scores: int,
     random_state: int,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw tile scores of the validation units (each tile once), at most about ``max_scores``.
 
     Returns
@@ -399,6 +443,10 @@ def validation_scores(
     scores : ndarray of float32
     labels : ndarray of int
         Each tile's nearest centroid.
+    context : ndarray of float32
+        Each tile's context share (see :meth:`Extractor.features`).
+    partial : ndarray of bool
+        Tiles partly in no-data.
     """
     rng = np.random.default_rng(random_state)
     per_unit = max(1000, max_scores // max(1, len(units)))
@@ -406,7 +454,8 @@ def validation_scores(
         (extractor, dictionary, u, n_neighbors, per_unit, int(rng.integers(0, 2**31))) for u in units
     ]
     both = np.concatenate(list(_stream(client, _tile_score_task, jobs, _in_flight(client), ordered=True)))
-    return both[:, 0].astype(np.float32), both[:, 1].astype(np.int64)
+    scores, labels, context = both[:, 0], both[:, 1].astype(np.int64), both[:, 2]
+    return scores, labels, context, both[:, 3] < 1.0
 
 
 def score_array(

@@ -34,3 +34,31 @@ def test_chunked_equals_unchunked(kwargs):
         span = float(whole.max() - whole.min())
         assert span > 0
         assert np.abs(chunked - whole).max() < 1e-3 * span, chunk
+
+
+def _with_nodata(image: np.ndarray, seed: int) -> np.ndarray:
+    """Float copy of ``image`` with NaN no-data: a ragged band and a straight strip."""
+    out = image.astype(np.float32)
+    h, w = out.shape[:2]
+    rng = np.random.default_rng(seed)
+    edge = (h // 3 + np.cumsum(rng.integers(-2, 3, w))).clip(0, h)
+    out[np.arange(h)[:, None] < edge[None, :]] = np.nan
+    out[:, : w // 7] = np.nan
+    return out
+
+
+def test_chunked_equals_unchunked_near_nodata():
+    """Edge handling (context classes, scores borrowed from covered pixels) is chunk-free."""
+    train = [_with_nodata(texture(220, 240, 1), 1), _with_nodata(texture(200, 200, 2), 2)]
+    ad = AnomalyDetector(**FAST).train(train[0], train[1])
+    image = _with_nodata(texture(203, 157, 3), 3)
+    ad.chunk_size = 10_000
+    whole = ad.score_image(image)
+    valid = ~np.isnan(image).any(axis=-1) if image.ndim == 3 else ~np.isnan(image)
+    np.testing.assert_array_equal(np.isfinite(whole), valid)
+    span = float(np.nanmax(whole) - np.nanmin(whole))
+    for chunk in (48, 72):
+        ad.chunk_size = chunk
+        chunked = ad.score_image(image)
+        np.testing.assert_array_equal(np.isnan(chunked), np.isnan(whole))
+        assert np.nanmax(np.abs(chunked - whole)) < 1e-3 * span, chunk

@@ -64,6 +64,34 @@ def test_store_contents_and_nodata(sonar, tmp_path):
     assert (tmp_path / "out.zarr" / "quicklook.png").exists()
 
 
+def test_tiles_near_nodata_are_judged_against_their_own_kind(sonar, tmp_path):
+    """Context offsets lower scores only near no-data, and mark fewer swath-edge pixels."""
+    from scipy.ndimage import distance_transform_edt
+
+    scene = sonar["scene"]
+    # pretrained features and enough validation tiles near no-data (100 per context class)
+    for name, seed in (("train", 11), ("val", 12)):
+        write_tiff(str(tmp_path / f"{name}.tif"), SonarScene(1024, 1024, seed=seed, n_objects=0))
+    kw = {**FAST, "weights": "imagenet", "kmeans_clusters": 16, "chunk_size": 512}
+    ad, plain = (
+        AnomalyDetector(**kw, context_thresholds=c).train(str(tmp_path / "train.tif"), str(tmp_path / "val.tif"))
+        for c in (True, False)
+    )
+    d = ad.dictionary_
+    assert d.context_offsets[0] == 0 and (d.context_offsets >= 0).all() and d.context_offsets.max() > 0
+    assert plain.dictionary_.context_offsets is None and plain.threshold_ == ad.threshold_
+    with_ctx, without = ad.score_image(sonar["test"]), plain.score_image(sonar["test"])
+    valid = scene.valid(0, scene.height, 0, scene.width)
+    dist = distance_transform_edt(valid)
+    far = dist > 80  # every tile covering these pixels sees no no-data
+    assert far.any()
+    np.testing.assert_allclose(with_ctx[far], without[far], rtol=1e-5)
+    assert (with_ctx[valid] <= without[valid] + 1e-4).all()
+    edge = valid & (dist <= 32) & ~scene.truth(0, scene.height, 0, scene.width)
+    marked = lambda s: (s[edge] >= ad.threshold_).mean()  # noqa: E731
+    assert marked(with_ctx) < marked(without)
+
+
 def test_other_model_into_same_store_is_refused(sonar, tmp_path):
     out = str(tmp_path / "out.zarr")
     sonar["model"].detect(sonar["test"], out, quicklook=False)

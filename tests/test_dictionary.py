@@ -1,11 +1,11 @@
-"""Dictionary maths: scores, labels, per-cluster offsets, thresholds."""
+"""Dictionary maths: scores, labels, per-cluster and context offsets, thresholds."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from anomaly_dask.dictionary import Dictionary, cluster_offsets, threshold_from_scores
+from anomaly_dask.dictionary import Dictionary, context_classes, group_offsets, threshold_from_scores
 
 
 def _dictionary() -> Dictionary:
@@ -31,14 +31,14 @@ def test_offsets_judge_a_broad_cluster_against_its_own_spread():
     scores = np.abs(np.concatenate([tight, broad])).astype(np.float32)
     labels = np.repeat([0, 1], 2000)
     t = threshold_from_scores(scores, "cdf", 0.95, 1.645, None)
-    off = cluster_offsets(scores, labels, 3, t, "cdf", 0.95, 1.645, min_tiles=100)
+    off = group_offsets(scores, labels, 3, t, "cdf", 0.95, 1.645, min_tiles=100)
     assert off[0] == 0.0 and off[2] == 0.0  # tight cluster never stricter; empty cluster untouched
     assert off[1] > 0
     # after the offsets each populated cluster flags about 5 % of its own tiles at most
     shifted = scores - off[labels]
     assert (shifted[labels == 1] >= t).mean() == pytest.approx(0.05, abs=0.01)
     assert (shifted[labels == 0] >= t).mean() <= 0.05
-    assert not cluster_offsets(scores, labels, 3, t, "manual", 0.95, 1.645).any()
+    assert not group_offsets(scores, labels, 3, t, "manual", 0.95, 1.645).any()
 
 
 def test_offsets_apply_by_nearest_centroid_and_persist():
@@ -47,3 +47,26 @@ def test_offsets_apply_by_nearest_centroid_and_persist():
     np.testing.assert_allclose(d.score(np.array([[1.0, 0.0], [9.0, 0.0]])), [1.0, 0.5], rtol=1e-6)
     assert set(d.arrays()) >= {"centroids", "offsets"}
     np.testing.assert_array_equal(Dictionary(**d.arrays()).offsets, d.offsets)
+
+
+def test_context_classes_split_full_and_partial_tiles_by_their_surroundings():
+    levels = np.array([1.0, 0.9, 0.75, 0.6])
+    context = np.array([1.0, 0.95, 0.8, 0.7, 0.3, 0.95, 0.8, 0.7, 0.3])
+    partial = np.array([False] * 5 + [True] * 4)
+    assert context_classes(context, partial, levels).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert context_classes(context[:5], None, levels).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_context_offsets_apply_by_class_after_centroid_offsets_and_persist():
+    d = _dictionary()
+    d.offsets = np.array([0.0, 0.5])
+    d.context_levels = np.array([1.0, 0.9, 0.75, 0.6])
+    d.context_offsets = np.array([0.0, 0.25, 1.0, 0, 0, 0, 0, 0, 0])
+    f = np.array([[1.0, 0.0], [9.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    ctx = np.array([1.0, 0.95, 0.8, 0.8])
+    part = np.array([False, False, False, True])
+    np.testing.assert_allclose(d.score(f, 1, ctx, part), [1.0, 0.25, 0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(d.score(f), [1.0, 0.5, 1.0, 1.0], atol=1e-6)  # no context given
+    back = Dictionary(**d.arrays())
+    np.testing.assert_array_equal(back.context_offsets, d.context_offsets)
+    np.testing.assert_array_equal(back.context_levels, d.context_levels)

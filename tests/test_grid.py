@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly_dask.grid import TileGrid, axis_chunks, chunk_windows, pixel_scores_from_tiles
+from anomaly_dask.grid import (
+    TileGrid,
+    axis_chunks,
+    chunk_windows,
+    masked_box_mean,
+    pixel_scores_from_tiles,
+    tile_fractions,
+    tiles_covering,
+)
 
 
 def brute_pixel_scores(tiles: np.ndarray, g: TileGrid) -> np.ndarray:
@@ -68,3 +76,40 @@ def test_owned_tiles_partition_the_grid():
         for w in row:
             owned[w.own_rows[0] : w.own_rows[1], w.own_cols[0] : w.own_cols[1]] += 1
     assert (owned == 1).all()
+
+
+def test_tile_fractions_with_a_margin_count_the_grown_tile():
+    valid = np.ones((40, 40), dtype=bool)
+    valid[:, :6] = False  # no-data strip on the left
+    grid = TileGrid(40, 40, 8, 8, 4, 4)
+    own = tile_fractions(valid, (8, 8), (2, 2), grid)
+    grown = tile_fractions(valid, (8, 8), (2, 2), grid, margin=4)
+    np.testing.assert_allclose(own, 1.0)  # tiles at x >= 8 are wholly on data
+    # grown tiles span x in [4, 20) and [8, 24): 2 and 0 no-data columns of 16
+    np.testing.assert_allclose(grown[:, 0], 14 / 16)
+    np.testing.assert_allclose(grown[:, 1], 1.0)
+    with pytest.raises(ValueError, match="margin"):
+        tile_fractions(valid, (2, 8), (2, 2), grid, margin=4)
+
+
+def test_masked_box_mean_matches_brute_force():
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(23, 31))
+    mask = rng.random((23, 31)) < 0.3
+    mean, count = masked_box_mean(values, mask, 3)
+    for y, x in [(0, 0), (11, 15), (22, 30), (5, 29)]:
+        sl = (slice(max(0, y - 3), y + 4), slice(max(0, x - 3), x + 4))
+        m = mask[sl]
+        assert count[y, x] == m.sum()
+        if m.any():
+            assert mean[y, x] == pytest.approx(values[sl][m].mean(), rel=1e-5)
+        else:
+            assert np.isnan(mean[y, x])
+
+
+def test_tiles_covering_lists_every_tile_touching_the_rectangle():
+    grid = TileGrid(100, 90, 32, 32, 8, 8)
+    rows, cols = tiles_covering(grid, (20, 41, 0, 90))
+    touching = [r for r in range(grid.n_rows) if r * 8 < 41 and r * 8 + 32 > 20]
+    assert rows == (touching[0], touching[-1] + 1)
+    assert cols == (0, grid.n_cols)
