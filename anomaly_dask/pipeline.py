@@ -49,6 +49,10 @@ __all__ = [
 
 log = logging.getLogger("anomaly_dask")
 
+#: Pixels of no-data next to data filled with the data mirrored across the edge (see
+#: :func:`~anomaly_dask.sources.mirror_fill`); windows are read this much wider, twice.
+MIRROR_REACH = 32
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -130,15 +134,18 @@ class Extractor:
     intensity: Intensity
     nodata: float | None = None
     min_valid: float = 0.5
+    mirror: int = MIRROR_REACH
 
     def _read(
         self, unit: Unit, rows: tuple[int, int], cols: tuple[int, int]
     ) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int]]:
+        """Raw window for tiles ``rows x cols`` plus ``2 * mirror`` px on every side."""
         g = unit.grid
         lattice, halo = self.config.lattice(self.backbone), self.config.halo(self.backbone)
         y0, y1, oy = _axis_window(*rows, g.stride_h, g.tile_h, halo, lattice)
         x0, x1, ox = _axis_window(*cols, g.stride_w, g.tile_w, halo, lattice)
-        return read_window(unit.source, y0, y1, x0, x1), (y0, y1, x0, x1), (oy, ox)
+        m = 2 * self.mirror
+        return read_window(unit.source, y0 - m, y1 + m, x0 - m, x1 + m), (y0, y1, x0, x1), (oy, ox)
 
     def edge_reach(self, grid: TileGrid) -> int:
         """Pixels a valid pixel that no tile wholly on data covers looks for covered ones."""
@@ -168,10 +175,18 @@ class Extractor:
             Image position of ``raw[0, 0]``.
         """
         _set_torch_threads()
-        raw, (y0, _, x0, _), offset = self._read(unit, rows, cols)
+        wide, (y0, y1, x0, x1), offset = self._read(unit, rows, cols)
         n = (rows[1] - rows[0], cols[1] - cols[0])
+        m = 2 * self.mirror
+        crop = (slice(m, m + y1 - y0), slice(m, m + x1 - x0))
+        raw = wide[crop]
         valid = valid_pixels(raw, self.nodata if self.nodata is not None else unit.source.nodata)
-        pixels = to_unit_rgb(raw, self.intensity, valid)
+        if valid is None:
+            pixels = to_unit_rgb(raw, self.intensity)
+        else:
+            # fill on the wider window, so that what a pixel gets does not depend on the chunk
+            wide_valid = valid_pixels(wide, self.nodata if self.nodata is not None else unit.source.nodata)
+            pixels = to_unit_rgb(wide, self.intensity, wide_valid, self.mirror)[crop]
         feats = tile_features(self.backbone, self.config, pixels, offset, n, unit.grid)
         fraction = context = None
         if valid is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "Intensity",
     "PILSource",
     "list_images",
+    "mirror_fill",
     "open_source",
     "read_window",
     "to_unit_rgb",
@@ -320,16 +321,67 @@ def valid_pixels(raw: np.ndarray, nodata: float | None) -> np.ndarray | None:
     return ~invalid
 
 
-def to_unit_rgb(raw: np.ndarray, intensity: Intensity, valid: np.ndarray | None = None) -> np.ndarray:
+def mirror_fill(x: np.ndarray, valid: np.ndarray, reach: int, fill: float) -> np.ndarray:
+    """Fill invalid pixels with the valid data mirrored across the nearest edge, in place.
+
+    An invalid pixel ``p`` whose nearest valid pixel ``b`` lies within ``reach`` takes the
+    value at ``2 b - p`` (its reflection through the edge) when that pixel is valid and in
+    the array, else the value at ``b``; farther pixels take ``fill``. Along a straight edge
+    the texture continues as its own mirror image, so a backbone sees no artificial step
+    where the data ends. Each filled value depends only on pixels within ``2 reach`` of it,
+    so windows that overlap by that much fill their common pixels alike.
+
+    Parameters
+    ----------
+    x : ndarray (h, w, c)
+        Pixels; changed where ``valid`` is False.
+    valid : ndarray of bool (h, w)
+        Valid pixels.
+    reach : int
+        Largest distance to data, in pixels, filled by mirroring.
+    fill : float
+        Value of the other invalid pixels.
+
+    Returns
+    -------
+    ndarray
+        ``x``.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    hole = ~valid
+    if not valid.any():
+        x[:] = fill
+        return x
+    dist, (ny, nx) = distance_transform_edt(hole, return_indices=True)
+    far = hole & (dist > reach)
+    py, px = np.nonzero(hole & ~far)
+    by, bx = ny[py, px], nx[py, px]
+    ry, rx = 2 * by - py, 2 * bx - px
+    ok = (ry >= 0) & (ry < valid.shape[0]) & (rx >= 0) & (rx < valid.shape[1])
+    ok[ok] = valid[ry[ok], rx[ok]]
+    x[py, px] = x[np.where(ok, ry, by), np.where(ok, rx, bx)]
+    x[far] = fill
+    return x
+
+
+def to_unit_rgb(
+    raw: np.ndarray, intensity: Intensity, valid: np.ndarray | None = None, mirror: int = 0
+) -> np.ndarray:
     """Map raw pixels (h, w, 1 or 3) to float32 RGB in ``[0, 1]`` as the model sees them.
 
-    NaN becomes 0; pixels where ``valid`` is False become ``intensity.fill``.
+    NaN becomes 0. Pixels where ``valid`` is False become ``intensity.fill``, or with
+    ``mirror > 0`` the data mirrored across the nearest edge up to that many pixels from it
+    (:func:`mirror_fill`).
     """
     x = raw.astype(np.float32)
     scale = 1.0 / max(intensity.high - intensity.low, 1e-12)
     x = np.nan_to_num(np.clip((x - intensity.low) * scale, 0.0, 1.0), nan=0.0)
     if valid is not None:
-        x[~valid] = intensity.fill
+        if mirror > 0:
+            mirror_fill(x, valid, mirror, intensity.fill)
+        else:
+            x[~valid] = intensity.fill
     if intensity.gray and x.shape[2] == 3:
         x = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[:, :, None]
     if x.shape[2] == 1:
