@@ -8,7 +8,8 @@ and the false-positive rates inside no-data and in the nadir bands.
 
 Usage::
 
-    python jobs/bench_mosaic.py [--small 4096] [--large 16384] [--workdir bench_out] [--scheduler ADDR]
+    python jobs/bench_mosaic.py [--small 4096] [--large 16384] [--train-size 4096]
+        [--workdir bench_out] [--scheduler ADDR]
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main() -> None:
     p.add_argument("--large", type=int, default=16384)
     p.add_argument("--workdir", type=Path, default=Path("bench_out"))
     p.add_argument("--eval-step", type=int, default=4)
+    p.add_argument("--train-size", type=int, default=4096, help="training mosaic side (validation: half as tall)")
     p.add_argument("--scheduler", default="")
     p.add_argument("--evaluate-only", action="store_true", help="only re-read finished stores in --workdir")
     args = p.parse_args()
@@ -96,12 +98,13 @@ def main() -> None:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    write_tiff(str(work / "train.tif"), SonarScene(4096, 4096, seed=21, n_objects=0))
-    write_tiff(str(work / "val.tif"), SonarScene(2048, 4096, seed=22, n_objects=0))
+    n = args.train_size
+    write_tiff(str(work / "train.tif"), SonarScene(n, n, seed=21, n_objects=0))
+    write_tiff(str(work / "val.tif"), SonarScene(n // 2, n, seed=22, n_objects=0))
     ad = AnomalyDetector(random_state=0, verbose=0).train(str(work / "train.tif"), str(work / "val.tif"))
     model = str(work / "model.safetensors")
     ad.save(model)
-    print(f"trained on 4096x4096 + 2048x4096 mosaics in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"trained on {n}x{n} + {n // 2}x{n} mosaics in {time.perf_counter() - t0:.0f} s", flush=True)
     results = {}
     for size in (args.small, args.large):
         scene = SonarScene(size, size, seed=23)
