@@ -180,12 +180,12 @@ class Extractor:
         m = 2 * self.mirror
         crop = (slice(m, m + y1 - y0), slice(m, m + x1 - x0))
         raw = wide[crop]
-        valid = valid_pixels(raw, self.nodata if self.nodata is not None else unit.source.nodata)
+        wide_valid = valid_pixels(wide, self.nodata if self.nodata is not None else unit.source.nodata)
+        valid = None if wide_valid is None or wide_valid[crop].all() else wide_valid[crop]
         if valid is None:
             pixels = to_unit_rgb(raw, self.intensity)
         else:
             # fill on the wider window, so that what a pixel gets does not depend on the chunk
-            wide_valid = valid_pixels(wide, self.nodata if self.nodata is not None else unit.source.nodata)
             pixels = to_unit_rgb(wide, self.intensity, wide_valid, self.mirror)[crop]
         feats = tile_features(self.backbone, self.config, pixels, offset, n, unit.grid)
         fraction = context = None
