@@ -18,8 +18,8 @@ from the line whose track is nearest (the usual mosaicking rule).
 Seabed
 ------
 The seabed reflectivity is geo-referenced (independent of the lines): sediment patches (mud,
-sand, gravel) with smooth boundaries, sand ripples whose orientation and wavelength drift
-over large areas, and a gentle relief whose shading flips between port and starboard. The
+sand, gravel) with smooth boundaries, two sand-ripple systems (orientation and wavelength set
+by the survey area, ``site``) that blend into each other over large areas, and a gentle relief whose shading flips between port and starboard. The
 returns carry multiplicative speckle, per-ping gain jitter and an electronic noise floor.
 
 Targets
@@ -512,6 +512,12 @@ class SonarScene:
         Projected ``(easting, northing)`` of the top-left corner, metres.
     epsg : int
         EPSG code of the projected CRS (default: WGS 84 / UTM zone 31N).
+    site : int, optional
+        Seed of the survey area's seabed regime: the orientation, wavelength and visibility
+        of its two ripple systems. Scenes with equal ``site`` and different ``seed`` are
+        different survey lines over the same kind of seabed, as an anomaly-free training
+        survey and the survey to inspect usually are. Default: ``seed``, so scenes with
+        different seeds also have different ripple regimes.
 
     Attributes
     ----------
@@ -541,6 +547,7 @@ class SonarScene:
     pixel_size: float = 0.1
     origin: tuple[float, float] = (430000.0, 5700000.0)
     epsg: int = 32631
+    site: int | None = None
 
     def __post_init__(self) -> None:
         if int(self.height) < 1 or int(self.width) < 1:
@@ -566,8 +573,9 @@ class SonarScene:
 
     # ---- random constants -------------------------------------------------------------
 
-    def _rng(self, stream: str) -> np.random.Generator:
-        return np.random.default_rng([self.seed & (2**63 - 1), _key(0, stream)])
+    def _rng(self, stream: str, seed: int | None = None) -> np.random.Generator:
+        seed = self.seed if seed is None else seed
+        return np.random.default_rng([seed & (2**63 - 1), _key(0, stream)])
 
     @cached_property
     def _lines(self) -> tuple[_Line, ...]:
@@ -599,7 +607,7 @@ class SonarScene:
     @cached_property
     def _ripple_sets(self) -> tuple[tuple[float, float, float], ...]:
         """Two ripple systems ``(cycles/px along y, along x, visibility)``."""
-        rng = self._rng("ripples")
+        rng = self._rng("ripples", self.site)
         theta0 = rng.uniform(0.25, 0.75) * np.pi  # crest orientation mostly along track
         sets = []
         for theta in (theta0, theta0 + rng.choice([-1, 1]) * rng.uniform(0.2, 0.4) * np.pi):

@@ -231,3 +231,40 @@ def test_cli_writes_mosaic_truth_and_preview(tmp_path):
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "m_truth.tif") > 0, scene.truth(0, 300, 0, 200))
     assert Image.open(png).size == (67, 100)
     assert (tmp_path / "m_overlay.png").is_file()
+
+
+def _ripple_spectrum(scene: SonarScene, o: int = 512, n: int = 512) -> np.ndarray:
+    """Normalised power spectrum of a seabed window at ripple wavelengths (7-25 px)."""
+    img = scene.render(o, o + n, o, o + n).astype(np.float64)
+    valid = scene.valid(o, o + n, o, o + n)
+    img = np.where(valid, img - img[valid].mean(), 0.0)
+    power = np.abs(np.fft.fftshift(np.fft.fft2(img))) ** 2
+    f = np.fft.fftshift(np.fft.fftfreq(n))
+    radius = np.hypot(f[:, None], f[None, :])
+    band = (radius > 1 / 25) & (radius < 1 / 7)
+    power = ndimage.uniform_filter(power, 5) * band
+    return (power / power.sum()).ravel()
+
+
+def test_site_sets_the_ripple_regime_and_nothing_else():
+    # seeds 5 and 8 both have rippled sand in the window [512, 1024)^2
+    kw = {"n_objects": 3, "ripple_strength": 0.9, "speckle_looks": 8.0}
+    a = SonarScene(1024, 1024, seed=5, site=40, **kw)
+    same_site = SonarScene(1024, 1024, seed=8, site=40, **kw)
+    other_site = SonarScene(1024, 1024, seed=8, site=41, **kw)
+    # lines, targets and no-data come from the seed alone
+    for m in ("valid", "nadir", "truth"):
+        np.testing.assert_array_equal(getattr(same_site, m)(0, 1024, 0, 1024), getattr(other_site, m)(0, 1024, 0, 1024))
+    # the ripple spectrum follows the site: same site overlaps far more than another site
+    sa, sb, sc = (_ripple_spectrum(s) for s in (a, same_site, other_site))
+    overlap_same, overlap_other = np.minimum(sa, sb).sum(), np.minimum(sa, sc).sum()
+    assert overlap_same > 1.5 * overlap_other, (overlap_same, overlap_other)
+    # by default the site is the seed, so existing scenes keep their pixels
+    np.testing.assert_array_equal(
+        SonarScene(200, 180, seed=41, **SMALL).render(0, 200, 0, 180),
+        SonarScene(200, 180, seed=41, site=41, **SMALL).render(0, 200, 0, 180),
+    )
+    assert not np.array_equal(
+        SonarScene(200, 180, seed=41, **SMALL).render(0, 200, 0, 180),
+        SonarScene(200, 180, seed=41, site=40, **SMALL).render(0, 200, 0, 180),
+    )
