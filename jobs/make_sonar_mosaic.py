@@ -96,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("uint8", "uint16"), default="uint8", help="pixel type (default uint8)")
     p.add_argument("--nodata", type=int, default=0, help="value outside the swaths (default 0)")
     p.add_argument("--n-objects", type=int, default=None, help="number of targets (default: ~1 per 1.5 Mpx)")
+    p.add_argument(
+        "--site",
+        type=int,
+        default=None,
+        help="seed of the survey area's ripple regime; give training and test mosaics the same "
+        "site and different seeds for lines over one area (default: the seed)",
+    )
     p.add_argument("--compression", default="zlib", help="tifffile compression, or 'none' (default zlib)")
     return p.parse_args(argv)
 
@@ -121,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     compression = None if args.compression.lower() == "none" else args.compression
     scene = SonarScene(
-        args.height, args.width, args.seed, n_objects=args.n_objects, dtype=args.dtype, nodata=args.nodata
+        args.height,
+        args.width,
+        args.seed,
+        n_objects=args.n_objects,
+        dtype=args.dtype,
+        nodata=args.nodata,
+        site=args.site,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     truth_path = args.out.with_name(f"{args.out.stem}_truth.tif")
