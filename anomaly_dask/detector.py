@@ -17,6 +17,8 @@ from .dictionary import (
     CONTEXT_LEVELS,
     Dictionary,
     context_classes,
+    distance_classes,
+    distance_offsets,
     group_offsets,
     threshold_from_scores,
 )
@@ -128,6 +130,29 @@ class AnomalyDetector:
         return pipeline.Extractor(backbone, self._feature_config(s), self.intensity_, s["nodata"])
 
     # ------------------------------------------------------------------ training
+    def _fit_distance_offsets(
+        self,
+        client: Any,
+        local_extractor: pipeline.Extractor,
+        extractor: Any,
+        dictionary: Dictionary,
+        val_units: list[pipeline.Unit],
+        s: dict[str, Any],
+        seed: int,
+    ) -> None:
+        """Set ``dictionary.distance_edges`` and ``distance_offsets`` from validation pixels."""
+        edges = local_extractor.distance_edges(val_units[0].grid)
+        if not len(edges):
+            return
+        dict_future = client.scatter(dictionary, broadcast=True)
+        pixel_scores, distance = pipeline.validation_pixel_scores(
+            client, extractor, dict_future, val_units, s["kmeans_neighbors"], s["max_fit_tiles"], seed
+        )
+        classes = distance_classes(distance, edges)
+        offsets = distance_offsets(pixel_scores, classes, len(edges) + 1, self.threshold_)
+        log.info("pixel offsets by distance to no-data (< %s px): %s", edges.tolist(), offsets[1:].round(3).tolist())
+        dictionary.distance_edges, dictionary.distance_offsets = edges, offsets
+
     def _split(
         self, train: Any, val: Any, s: dict[str, Any], rng: np.random.Generator
     ) -> tuple[list[pipeline.Unit], list[pipeline.Unit], list[ImageSource]]:
@@ -217,8 +242,9 @@ class AnomalyDetector:
             "training on %d chunks (%d validation chunks), backbone %s (%s), %s features",
             len(train_units), len(val_units), s["backbone"], weights_id, s["features"],
         )
+        local_extractor = self._extractor(s)
         with pipeline.local_client(s["client"]) as client:
-            extractor = client.scatter(self._extractor(s), broadcast=True)
+            extractor = client.scatter(local_extractor, broadcast=True)
             dictionary = pipeline.train_dictionary(
                 client, extractor, train_units,
                 pca_variance=s["pca_variance"], n_clusters=s["kmeans_clusters"],
@@ -229,23 +255,27 @@ class AnomalyDetector:
                 client, extractor, dict_future, val_units, s["kmeans_neighbors"],
                 s["max_fit_tiles"], seed,
             )
-        self.dictionary_ = dictionary
-        self.threshold_ = threshold_from_scores(
-            scores, s["threshold_mode"], s["cdf"], s["zscore"], s["threshold"]
-        )
-        rule = (s["threshold_mode"], s["cdf"], s["zscore"])
-        if s["cluster_thresholds"]:
-            dictionary.offsets = group_offsets(
-                scores, labels, len(dictionary.centroids), self.threshold_, *rule
+            self.threshold_ = threshold_from_scores(
+                scores, s["threshold_mode"], s["cdf"], s["zscore"], s["threshold"]
             )
-        if s["context_thresholds"]:
-            # Then tiles near no-data against validation tiles with as much no-data around.
-            levels = np.asarray(CONTEXT_LEVELS, dtype=np.float32)
-            classes = context_classes(context, partial, levels)
-            residual = scores if dictionary.offsets is None else scores - dictionary.offsets[labels]
-            offsets = group_offsets(residual, classes, 2 * len(levels) + 1, self.threshold_, *rule)
-            offsets[0] = 0.0
-            dictionary.context_levels, dictionary.context_offsets = levels, offsets
+            rule = (s["threshold_mode"], s["cdf"], s["zscore"])
+            if s["cluster_thresholds"]:
+                dictionary.offsets = group_offsets(
+                    scores, labels, len(dictionary.centroids), self.threshold_, *rule
+                )
+            if s["context_thresholds"]:
+                # Then tiles near no-data against validation tiles with as much no-data around.
+                levels = np.asarray(CONTEXT_LEVELS, dtype=np.float32)
+                classes = context_classes(context, partial, levels)
+                residual = scores if dictionary.offsets is None else scores - dictionary.offsets[labels]
+                offsets = group_offsets(residual, classes, 2 * len(levels) + 1, self.threshold_, *rule)
+                offsets[0] = 0.0
+                dictionary.context_levels, dictionary.context_offsets = levels, offsets
+                if s["threshold_mode"] != "manual" and partial.any():
+                    # Last, pixels near no-data are marked as often as interior pixels of the
+                    # validation images (tile-level quantiles do not carry over to pixels).
+                    self._fit_distance_offsets(client, local_extractor, extractor, dictionary, val_units, s, seed)
+        self.dictionary_ = dictionary
         self.validation_scores_summary_ = {
             "count": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()),
             "max": float(scores.max()),

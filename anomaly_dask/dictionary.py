@@ -19,6 +19,8 @@ __all__ = [
     "CONTEXT_LEVELS",
     "Dictionary",
     "context_classes",
+    "distance_classes",
+    "distance_offsets",
     "group_offsets",
     "fit_projection",
     "init_kmeans",
@@ -27,6 +29,10 @@ __all__ = [
 
 #: Boundaries of the context classes of tiles near no-data (see :func:`context_classes`).
 CONTEXT_LEVELS = (1.0, 0.9, 0.75, 0.6)
+
+#: Boundaries of the distance classes of pixels near no-data, in tiles (see
+#: :func:`distance_classes`).
+DISTANCE_EDGES = (4.0, 2.0, 1.0, 0.5, 0.25)
 
 
 def context_classes(context: np.ndarray, partial: np.ndarray | None, levels: np.ndarray) -> np.ndarray:
@@ -58,6 +64,70 @@ def context_classes(context: np.ndarray, partial: np.ndarray | None, levels: np.
     return classes
 
 
+def distance_classes(distance: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Distance class of each pixel: how many of the decreasing ``edges`` its distance to
+    no-data falls below.
+
+    Parameters
+    ----------
+    distance : ndarray
+        Distance of each pixel to the nearest no-data pixel, pixels (only values below
+        ``edges[0]`` need be exact).
+    edges : ndarray (m,)
+        Decreasing class boundaries, pixels.
+
+    Returns
+    -------
+    ndarray of int, same shape as ``distance``, in ``[0, m]``; 0 is at least ``edges[0]``
+    from no-data.
+    """
+    d = np.asarray(distance, dtype=np.float32)
+    return (d[..., None] < np.asarray(edges, dtype=np.float32)).sum(axis=-1)
+
+
+def distance_offsets(
+    scores: np.ndarray, classes: np.ndarray, n_classes: int, threshold: float, min_pixels: int = 1000
+) -> np.ndarray:
+    """Per-class pixel-score offsets that mark each distance class as often as the interior.
+
+    Pixel scores average many overlapping tiles, so a per-tile calibration does not carry
+    over to pixels: where high tile scores cluster (the far range of a sonar swath, along
+    no-data) pixel scores cross the threshold far more often than where they are scattered.
+    This matches the rates on validation pixels instead. With ``p`` the share of interior
+    (class 0) pixels below ``threshold``, a class with at least ``min_pixels`` samples gets
+    ``max(0, q - threshold)``, ``q`` being its own ``p`` quantile; subtracted from its
+    pixels' scores, it leaves that class marked at the interior rate. Offsets are never
+    negative, and all are 0 when the interior has fewer than ``min_pixels`` samples.
+
+    Parameters
+    ----------
+    scores : ndarray (n,)
+        Validation pixel scores (a sample).
+    classes : ndarray of int (n,)
+        Distance class of each (see :func:`distance_classes`), in ``[0, n_classes)``.
+    n_classes : int
+        Number of classes.
+    threshold : float
+        The global threshold.
+    min_pixels : int
+        Fewest samples a class (and the interior) needs.
+
+    Returns
+    -------
+    ndarray of float32, shape (n_classes,)
+    """
+    offsets = np.zeros(n_classes, dtype=np.float32)
+    interior = scores[classes == 0]
+    if len(interior) < min_pixels:
+        return offsets
+    p = float(np.mean(interior < threshold))
+    for k in range(1, n_classes):
+        own = scores[classes == k]
+        if len(own) >= min_pixels:
+            offsets[k] = max(0.0, float(np.quantile(own, p)) - threshold)
+    return offsets
+
+
 @dataclass
 class Dictionary:
     """Learned state that turns tile features into anomaly scores.
@@ -79,6 +149,12 @@ class Dictionary:
         Score offsets of tiles by context class (0 for class 0), subtracted after the
         centroid offsets: tiles near no-data are judged against validation tiles with as
         much no-data around and in them.
+    distance_edges : ndarray (m,), optional
+        Boundaries, in pixels, of the distance classes of pixels near no-data (see
+        :func:`distance_classes`).
+    distance_offsets : ndarray (m + 1,), optional
+        Offsets subtracted from pixel scores by distance class (see
+        :func:`distance_offsets`; 0 for class 0).
     """
 
     pca_mean: np.ndarray
@@ -89,6 +165,8 @@ class Dictionary:
     offsets: np.ndarray | None = None
     context_levels: np.ndarray | None = None
     context_offsets: np.ndarray | None = None
+    distance_edges: np.ndarray | None = None
+    distance_offsets: np.ndarray | None = None
 
     def __setattr__(self, name: str, value: object) -> None:
         # One memory layout whatever the origin (fit or file), so BLAS rounds identically.
@@ -161,7 +239,7 @@ class Dictionary:
         }
         if self.centroids is not None:
             out["centroids"] = self.centroids
-        for name in ("offsets", "context_levels", "context_offsets"):
+        for name in ("offsets", "context_levels", "context_offsets", "distance_edges", "distance_offsets"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}

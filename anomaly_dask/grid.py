@@ -24,6 +24,7 @@ __all__ = [
     "axis_chunks",
     "chunk_windows",
     "masked_box_mean",
+    "nodata_distance",
     "pixel_scores_from_tiles",
     "regular_windows",
     "tile_fractions",
@@ -306,6 +307,36 @@ def pixel_scores_from_tiles(
     wsum = box(weights)
     weighted = box(tile_scores * weights) / np.where(wsum > 0, wsum, 1.0)
     return np.where(wsum > 1e-9, weighted, plain).astype(np.float32)
+
+
+def nodata_distance(valid: np.ndarray, box: tuple[int, int, int, int], cap: float) -> np.ndarray | None:
+    """Euclidean distance of each pixel of a box to the nearest no-data pixel, capped.
+
+    Parameters
+    ----------
+    valid : ndarray of bool, shape (h, w)
+        Valid pixels of a window that holds the box plus ``ceil(cap)`` pixels on every side
+        (then distances below ``cap`` are exact whatever lies outside the window).
+    box : (y0, y1, x0, x1)
+        The pixels wanted, in window coordinates.
+    cap : float
+        Largest distance reported; farther pixels get ``cap``.
+
+    Returns
+    -------
+    ndarray of float32 with the box's shape, or None when no no-data lies within ``cap``.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    y0, y1, x0, x1 = box
+    r = int(np.ceil(cap))
+    if y0 < r or x0 < r or y1 + r > valid.shape[0] or x1 + r > valid.shape[1]:
+        raise ValueError("the window does not hold the box plus the cap")
+    region = valid[y0 - r : y1 + r, x0 - r : x1 + r]
+    if region.all():
+        return None
+    d = distance_transform_edt(region)[r : r + y1 - y0, r : r + x1 - x0]
+    return np.minimum(d, cap).astype(np.float32)
 
 
 def masked_box_mean(values: np.ndarray, mask: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:

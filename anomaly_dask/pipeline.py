@@ -20,7 +20,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .dictionary import Dictionary, fit_projection, init_kmeans
+from .dictionary import DISTANCE_EDGES, Dictionary, distance_classes, fit_projection, init_kmeans
 from .features import FeatureConfig, tile_features
 from .grid import (
     TileGrid,
@@ -28,6 +28,7 @@ from .grid import (
     chunk_windows,
     lattice_floor,
     masked_box_mean,
+    nodata_distance,
     pixel_scores_from_tiles,
     tile_fractions,
     tiles_covering,
@@ -151,6 +152,14 @@ class Extractor:
         """Pixels a valid pixel that no tile wholly on data covers looks for covered ones."""
         return max(grid.tile_h, grid.tile_w) // 2
 
+    def distance_edges(self, grid: TileGrid) -> np.ndarray:
+        """Boundaries of the distance classes of a chunk's pixels (see
+        :func:`~anomaly_dask.dictionary.distance_classes`), pixels: :data:`DISTANCE_EDGES`
+        tiles, less those farther than every window read for a chunk reaches past it."""
+        reach = self.edge_reach(grid) + self.config.halo(self.backbone) + 2 * self.mirror
+        tile = min(grid.tile_h, grid.tile_w)
+        return np.asarray([e * tile for e in DISTANCE_EDGES if e * tile <= reach], dtype=np.float32)
+
     def context_margin(self, grid: TileGrid) -> int:
         """Pixels around a tile counted in its context share (see :meth:`features`)."""
         return min(grid.tile_h, grid.tile_w, self.config.halo(self.backbone))
@@ -170,7 +179,8 @@ class Extractor:
             side (what the backbone saw of the no-data fill); None when the window holds
             no no-data.
         raw : ndarray (h, w, channels)
-            The raw window read (chunk plus halo).
+            The raw window read: the tiles plus the backbone's halo, plus ``2 * mirror``
+            pixels for the no-data fill.
         origin : (int, int)
             Image position of ``raw[0, 0]``.
         """
@@ -181,18 +191,17 @@ class Extractor:
         crop = (slice(m, m + y1 - y0), slice(m, m + x1 - x0))
         raw = wide[crop]
         wide_valid = valid_pixels(wide, self.nodata if self.nodata is not None else unit.source.nodata)
-        valid = None if wide_valid is None or wide_valid[crop].all() else wide_valid[crop]
-        if valid is None:
+        fraction = context = None
+        if wide_valid is None:
             pixels = to_unit_rgb(raw, self.intensity)
         else:
             # fill on the wider window, so that what a pixel gets does not depend on the chunk
             pixels = to_unit_rgb(wide, self.intensity, wide_valid, self.mirror)[crop]
-        feats = tile_features(self.backbone, self.config, pixels, offset, n, unit.grid)
-        fraction = context = None
-        if valid is not None:
+            valid = wide_valid[crop]
             fraction = tile_fractions(valid, offset, n, unit.grid)
             context = tile_fractions(valid, offset, n, unit.grid, self.context_margin(unit.grid))
-        return feats, fraction, context, raw, (y0, x0)
+        feats = tile_features(self.backbone, self.config, pixels, offset, n, unit.grid)
+        return feats, fraction, context, wide, (y0 - m, x0 - m)
 
     def owned(self, unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Features (n, D), context shares (n,) and valid shares (n,) of the tiles a unit
@@ -207,14 +216,24 @@ class Extractor:
 
     def pixel_scores(
         self, unit: Unit, dictionary: Dictionary, n_neighbors: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Pixel scores of a unit's chunk (NaN on no-data) and its raw pixels.
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Pixel scores of a unit's chunk (NaN on no-data), its raw pixels, and each pixel's
+        distance to no-data.
 
         Where the window holds no-data, a valid pixel takes the mean score of the tiles
         wholly on data that cover it; a pixel no such tile covers (within a stride or so of
         no-data) takes the mean of the covered pixels within :meth:`edge_reach` of it, so
         that tiles partly filled in are not what judges it; only where there are none
-        (slivers of data) do tiles mostly on data count.
+        (slivers of data) do tiles mostly on data count. Then, when the dictionary has
+        ``distance_offsets``, each pixel's distance-class offset is subtracted.
+
+        Returns
+        -------
+        scores : ndarray of float32 (h, w)
+        raw : ndarray (h, w, channels)
+        distance : ndarray of float32 (h, w) or None
+            Distance to the nearest no-data pixel, capped at the largest of
+            :meth:`distance_edges`; None when there is none that near.
         """
         w = unit.window
         g = unit.grid
@@ -225,7 +244,7 @@ class Extractor:
         chunk_raw = raw[w.y0 - oy : w.y1 - oy, w.x0 - ox : w.x1 - ox]
         if fraction is None:
             tiles = dictionary.score(f, n_neighbors)
-            return pixel_scores_from_tiles(tiles, g, (rows[0], cols[0]), (w.y0, w.y1, w.x0, w.x1)), chunk_raw
+            return pixel_scores_from_tiles(tiles, g, (rows[0], cols[0]), (w.y0, w.y1, w.x0, w.x1)), chunk_raw, None
         full = fraction >= 1.0
         tiles = dictionary.score(f, n_neighbors, context, ~full)
         origin = (rows[0], cols[0])
@@ -244,10 +263,14 @@ class Extractor:
                 pixel_scores_from_tiles(tiles, g, origin, (w.y0, w.y1, w.x0, w.x1), partial),
             ),
         ).astype(np.float32)
-        valid = valid_pixels(chunk_raw, self.nodata if self.nodata is not None else unit.source.nodata)
-        if valid is not None:
-            scores[~valid] = np.nan
-        return scores, chunk_raw
+        wide_valid = valid_pixels(raw, self.nodata if self.nodata is not None else unit.source.nodata)
+        edges = self.distance_edges(g) if dictionary.distance_edges is None else dictionary.distance_edges
+        box = (w.y0 - oy, w.y1 - oy, w.x0 - ox, w.x1 - ox)
+        distance = nodata_distance(wide_valid, box, float(edges[0])) if len(edges) else None
+        if distance is not None and dictionary.distance_offsets is not None:
+            scores -= dictionary.distance_offsets[distance_classes(distance, edges)]
+        scores[~wide_valid[box[0] : box[1], box[2] : box[3]]] = np.nan
+        return scores, chunk_raw, distance
 
 
 def _subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -273,6 +296,16 @@ def _tile_score_task(
     return _subsample(np.stack([scores, labels.astype(np.float32), context, fraction], axis=1), n, seed)
 
 
+def _pixel_sample_task(
+    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, n: int, seed: int
+) -> np.ndarray:
+    scores, _, distance = extractor.pixel_scores(unit, dictionary, n_neighbors)
+    if distance is None:
+        distance = np.full(scores.shape, np.inf, dtype=np.float32)
+    keep = np.isfinite(scores)
+    return _subsample(np.stack([scores[keep], distance[keep]], axis=1), n, seed)
+
+
 def _pixel_score_task(
     extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int
 ) -> np.ndarray:
@@ -294,7 +327,7 @@ def _detect_task(
     rendering: Rendering,
 ) -> dict[str, float]:
     """Score one chunk, write score / mask / overlay to the store, return its statistics."""
-    scores, raw = extractor.pixel_scores(unit, dictionary, rendering.n_neighbors)
+    scores, raw, _ = extractor.pixel_scores(unit, dictionary, rendering.n_neighbors)
     finite = np.isfinite(scores)
     mask = np.where(finite & (scores >= rendering.threshold), 255, 0).astype(np.uint8)
     rgb = display_rgb(to_unit_rgb(raw, extractor.intensity))
@@ -440,6 +473,33 @@ def train_dictionary(
                 mbk.partial_fit(batch)
     dictionary.centroids = mbk.cluster_centers_.astype(np.float32)
     return dictionary
+
+
+def validation_pixel_scores(
+    client: Any,
+    extractor: Any,
+    dictionary: Any,
+    units: list[Unit],
+    n_neighbors: int,
+    max_scores: int,
+    random_state: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random sample of the validation units' pixel scores, at most about ``max_scores``.
+
+    Returns
+    -------
+    scores : ndarray of float32
+    distance : ndarray of float32
+        Each pixel's distance to no-data, capped (see :meth:`Extractor.pixel_scores`); inf
+        where its chunk has none within the cap.
+    """
+    rng = np.random.default_rng(random_state)
+    per_unit = max(1000, max_scores // max(1, len(units)))
+    jobs = [
+        (extractor, dictionary, u, n_neighbors, per_unit, int(rng.integers(0, 2**31))) for u in units
+    ]
+    both = np.concatenate(list(_stream(client, _pixel_sample_task, jobs, _in_flight(client), ordered=True)))
+    return both[:, 0], both[:, 1]
 
 
 def validation_scores(

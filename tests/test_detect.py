@@ -65,7 +65,8 @@ def test_store_contents_and_nodata(sonar, tmp_path):
 
 
 def test_tiles_near_nodata_are_judged_against_their_own_kind(sonar, tmp_path):
-    """Context offsets lower scores only near no-data, and mark fewer swath-edge pixels."""
+    """Context and distance offsets lower scores only near no-data, and mark fewer
+    swath-edge pixels."""
     from scipy.ndimage import distance_transform_edt
 
     scene = sonar["scene"]
@@ -79,11 +80,14 @@ def test_tiles_near_nodata_are_judged_against_their_own_kind(sonar, tmp_path):
     )
     d = ad.dictionary_
     assert d.context_offsets[0] == 0 and (d.context_offsets >= 0).all() and d.context_offsets.max() > 0
-    assert plain.dictionary_.context_offsets is None and plain.threshold_ == ad.threshold_
+    assert d.distance_edges.tolist() == [128, 64, 32, 16, 8]
+    assert d.distance_offsets[0] == 0 and (d.distance_offsets >= 0).all() and d.distance_offsets.max() > 0
+    assert plain.dictionary_.context_offsets is None and plain.dictionary_.distance_offsets is None
+    assert plain.threshold_ == ad.threshold_
     with_ctx, without = ad.score_image(sonar["test"]), plain.score_image(sonar["test"])
     valid = scene.valid(0, scene.height, 0, scene.width)
     dist = distance_transform_edt(valid)
-    far = dist > 80  # every tile covering these pixels sees no no-data
+    far = dist > 128  # no tile covering these pixels sees no-data, and they are interior
     assert far.any()
     np.testing.assert_allclose(with_ctx[far], without[far], rtol=1e-5)
     assert (with_ctx[valid] <= without[valid] + 1e-4).all()

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly_dask.dictionary import Dictionary, context_classes, group_offsets, threshold_from_scores
+from anomaly_dask.dictionary import (
+    Dictionary,
+    context_classes,
+    distance_classes,
+    distance_offsets,
+    group_offsets,
+    threshold_from_scores,
+)
 
 
 def _dictionary() -> Dictionary:
@@ -70,3 +77,36 @@ def test_context_offsets_apply_by_class_after_centroid_offsets_and_persist():
     back = Dictionary(**d.arrays())
     np.testing.assert_array_equal(back.context_offsets, d.context_offsets)
     np.testing.assert_array_equal(back.context_levels, d.context_levels)
+
+
+def test_distance_classes_count_the_edges_a_pixel_is_nearer_than():
+    edges = np.array([128.0, 64.0, 32.0, 16.0, 8.0])
+    d = np.array([[np.inf, 128, 127.9, 64], [40, 32, 20, 16], [10, 8, 3, 0]])
+    assert distance_classes(d, edges).tolist() == [[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]]
+
+
+def test_distance_offsets_mark_each_class_as_often_as_the_interior():
+    rng = np.random.default_rng(0)
+    interior = rng.normal(0.0, 1.0, 200_000)
+    heavy = rng.normal(1.0, 1.5, 20_000)  # near no-data: higher and wider
+    light = rng.normal(-1.0, 0.5, 20_000)  # lower: never judged more strictly
+    few = rng.normal(5.0, 1.0, 500)  # too few samples for its own offset
+    scores = np.concatenate([interior, heavy, light, few])
+    classes = np.repeat([0, 1, 2, 3], [len(interior), len(heavy), len(light), len(few)])
+    threshold = float(np.quantile(interior, 0.99))
+    off = distance_offsets(scores, classes, 5, threshold)
+    assert off[0] == 0 and off[2] == 0 and off[3] == 0 and off[4] == 0
+    assert off[1] > 0
+    assert np.mean(heavy - off[1] >= threshold) == pytest.approx(0.01, abs=0.002)
+    assert np.mean(heavy >= threshold) > 0.05
+    # without enough interior samples there is nothing to match: no offsets at all
+    assert not distance_offsets(scores[len(interior) - 10 :], classes[len(interior) - 10 :], 5, threshold).any()
+
+
+def test_distance_offsets_persist_with_the_dictionary():
+    d = _dictionary()
+    d.distance_edges = np.array([64.0, 32.0])
+    d.distance_offsets = np.array([0.0, 0.5, 1.5])
+    back = Dictionary(**d.arrays())
+    np.testing.assert_array_equal(back.distance_edges, d.distance_edges)
+    np.testing.assert_array_equal(back.distance_offsets, d.distance_offsets)

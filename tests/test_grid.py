@@ -10,6 +10,7 @@ from anomaly_dask.grid import (
     axis_chunks,
     chunk_windows,
     masked_box_mean,
+    nodata_distance,
     pixel_scores_from_tiles,
     tile_fractions,
     tiles_covering,
@@ -113,3 +114,24 @@ def test_tiles_covering_lists_every_tile_touching_the_rectangle():
     touching = [r for r in range(grid.n_rows) if r * 8 < 41 and r * 8 + 32 > 20]
     assert rows == (touching[0], touching[-1] + 1)
     assert cols == (0, grid.n_cols)
+
+
+def test_nodata_distance_matches_brute_force_and_is_capped():
+    rng = np.random.default_rng(3)
+    valid = rng.random((90, 100)) > 0.0003
+    valid[70:, 80:] = False
+    box, cap = (20, 60, 25, 70), 20.0
+    d = nodata_distance(valid, box, cap)
+    iy, ix = np.nonzero(~valid)
+    ys, xs = np.mgrid[box[0] : box[1], box[2] : box[3]]
+    brute = np.sqrt((ys[..., None] - iy) ** 2 + (xs[..., None] - ix) ** 2).min(axis=-1)
+    np.testing.assert_allclose(d, np.minimum(brute, cap), atol=1e-5)
+    assert d.shape == (40, 45) and d.max() == cap and d.min() < cap
+
+
+def test_nodata_distance_is_none_without_nodata_in_reach_and_checks_the_window():
+    valid = np.ones((60, 60), dtype=bool)
+    valid[0, 0] = False  # farther than the cap from every pixel of the box
+    assert nodata_distance(valid, (30, 40, 30, 40), 10.0) is None
+    with pytest.raises(ValueError, match="does not hold"):
+        nodata_distance(valid, (5, 40, 30, 40), 10.0)
