@@ -20,6 +20,7 @@ from .dictionary import (
     distance_classes,
     distance_offsets,
     group_offsets,
+    rate_offsets,
     threshold_from_scores,
 )
 from .errors import ImageReadError, NotFittedError, ParameterError
@@ -33,6 +34,9 @@ from .sources import ImageSource, Intensity, fit_intensity, list_images, open_so
 __all__ = ["AnomalyDetector"]
 
 log = logging.getLogger("anomaly_dask")
+
+#: Validation pixel scores are sampled on every this many rows and columns.
+PIXEL_SAMPLE_STEP = 4
 
 #: Backbone context (network pixels) added around each window's tiles in dense mode.
 CONTEXT = {"resnet18": 160, "efficientnet_lite0": 160}
@@ -130,7 +134,7 @@ class AnomalyDetector:
         return pipeline.Extractor(backbone, self._feature_config(s), self.intensity_, s["nodata"])
 
     # ------------------------------------------------------------------ training
-    def _fit_distance_offsets(
+    def _fit_pixel_offsets(
         self,
         client: Any,
         local_extractor: pipeline.Extractor,
@@ -139,19 +143,37 @@ class AnomalyDetector:
         val_units: list[pipeline.Unit],
         s: dict[str, Any],
         seed: int,
+        near_nodata: bool,
     ) -> None:
-        """Set ``dictionary.distance_edges`` and ``distance_offsets`` from validation pixels."""
-        edges = local_extractor.distance_edges(val_units[0].grid)
-        if not len(edges):
-            return
+        """Set the dictionary's pixel offsets from a sample of validation pixel scores.
+
+        With ``cluster_thresholds``, pixels of each centroid (see
+        :meth:`pipeline.Extractor.pixel_scores`) are marked at most as often as the
+        validation pixels away from no-data; with ``near_nodata``, then pixels of each
+        distance class as often as those away from no-data.
+        """
+        grid = val_units[0].grid
+        edges = local_extractor.distance_edges(grid)
         dict_future = client.scatter(dictionary, broadcast=True)
-        pixel_scores, distance = pipeline.validation_pixel_scores(
-            client, extractor, dict_future, val_units, s["kmeans_neighbors"], s["max_fit_tiles"], seed
+        step = PIXEL_SAMPLE_STEP
+        scores, distance, labels = pipeline.validation_pixel_scores(
+            client, extractor, dict_future, val_units, s["kmeans_neighbors"], step
         )
-        classes = distance_classes(distance, edges)
-        offsets = distance_offsets(pixel_scores, classes, len(edges) + 1, self.threshold_)
-        log.info("pixel offsets by distance to no-data (< %s px): %s", edges.tolist(), offsets[1:].round(3).tolist())
-        dictionary.distance_edges, dictionary.distance_offsets = edges, offsets
+        # a group needs as many samples as 100 tiles' worth of pixels (as for tile offsets)
+        least = max(1, round(100 * grid.stride_h * grid.stride_w / step**2))
+        classes = distance_classes(distance, edges) if len(edges) else np.zeros(len(scores), dtype=np.int64)
+        interior = classes == 0
+        if s["cluster_thresholds"] and interior.sum() >= least:
+            below = float(np.mean(scores[interior] < self.threshold_))
+            k = len(dictionary.centroids)
+            offsets = rate_offsets(scores[interior], labels[interior], k, self.threshold_, below, least)
+            log.info("pixel offsets by centroid: %d of %d set, largest %.3f", (offsets > 0).sum(), k, offsets.max())
+            dictionary.pixel_offsets = offsets
+            scores = scores - offsets[labels]
+        if near_nodata and len(edges):
+            offsets = distance_offsets(scores, classes, len(edges) + 1, self.threshold_, least)
+            log.info("pixel offsets by distance to no-data (< %s px): %s", edges.tolist(), offsets[1:].round(3).tolist())
+            dictionary.distance_edges, dictionary.distance_offsets = edges, offsets
 
     def _split(
         self, train: Any, val: Any, s: dict[str, Any], rng: np.random.Generator
@@ -271,10 +293,13 @@ class AnomalyDetector:
                 offsets = group_offsets(residual, classes, 2 * len(levels) + 1, self.threshold_, *rule)
                 offsets[0] = 0.0
                 dictionary.context_levels, dictionary.context_offsets = levels, offsets
-                if s["threshold_mode"] != "manual" and partial.any():
-                    # Last, pixels near no-data are marked as often as interior pixels of the
-                    # validation images (tile-level quantiles do not carry over to pixels).
-                    self._fit_distance_offsets(client, local_extractor, extractor, dictionary, val_units, s, seed)
+            near_nodata = s["context_thresholds"] and partial.any()
+            if s["threshold_mode"] != "manual" and (s["cluster_thresholds"] or near_nodata):
+                # Tile quantiles do not carry over to pixel scores (means of many tiles):
+                # match the rates on validation pixels too.
+                self._fit_pixel_offsets(
+                    client, local_extractor, extractor, dictionary, val_units, s, seed, near_nodata
+                )
         self.dictionary_ = dictionary
         self.validation_scores_summary_ = {
             "count": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()),

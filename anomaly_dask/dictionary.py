@@ -22,6 +22,7 @@ __all__ = [
     "distance_classes",
     "distance_offsets",
     "group_offsets",
+    "rate_offsets",
     "fit_projection",
     "init_kmeans",
     "threshold_from_scores",
@@ -116,15 +117,43 @@ def distance_offsets(
     -------
     ndarray of float32, shape (n_classes,)
     """
-    offsets = np.zeros(n_classes, dtype=np.float32)
     interior = scores[classes == 0]
     if len(interior) < min_pixels:
-        return offsets
-    p = float(np.mean(interior < threshold))
-    for k in range(1, n_classes):
-        own = scores[classes == k]
-        if len(own) >= min_pixels:
-            offsets[k] = max(0.0, float(np.quantile(own, p)) - threshold)
+        return np.zeros(n_classes, dtype=np.float32)
+    offsets = rate_offsets(scores, classes, n_classes, threshold, float(np.mean(interior < threshold)), min_pixels)
+    offsets[0] = 0.0
+    return offsets
+
+
+def rate_offsets(
+    scores: np.ndarray, groups: np.ndarray, n_groups: int, threshold: float, below: float, min_pixels: int = 1000
+) -> np.ndarray:
+    """Per-group offsets after which at least a share ``below`` of each group's scores lies
+    below ``threshold``.
+
+    A group with at least ``min_pixels`` scores gets ``max(0, q - threshold)``, ``q`` being
+    its own ``below`` quantile; other groups get 0. Offsets are never negative.
+
+    Parameters
+    ----------
+    scores : ndarray (n,)
+    groups : ndarray of int (n,)
+        Group of each score, in ``[0, n_groups)``.
+    n_groups : int
+    threshold : float
+    below : float
+        Target share of each group below ``threshold``, in [0, 1].
+    min_pixels : int
+        Fewest scores a group needs for an offset.
+
+    Returns
+    -------
+    ndarray of float32, shape (n_groups,)
+    """
+    offsets = np.zeros(n_groups, dtype=np.float32)
+    counts = np.bincount(groups, minlength=n_groups)
+    for k in np.flatnonzero(counts >= min_pixels):
+        offsets[k] = max(0.0, float(np.quantile(scores[groups == k], below)) - threshold)
     return offsets
 
 
@@ -155,6 +184,9 @@ class Dictionary:
     distance_offsets : ndarray (m + 1,), optional
         Offsets subtracted from pixel scores by distance class (see
         :func:`distance_offsets`; 0 for class 0).
+    pixel_offsets : ndarray (k,), optional
+        Offsets subtracted from pixel scores by the nearest centroid of the tile centred
+        nearest each pixel (see :func:`rate_offsets`), before the distance offsets.
     """
 
     pca_mean: np.ndarray
@@ -167,6 +199,7 @@ class Dictionary:
     context_offsets: np.ndarray | None = None
     distance_edges: np.ndarray | None = None
     distance_offsets: np.ndarray | None = None
+    pixel_offsets: np.ndarray | None = None
 
     def __setattr__(self, name: str, value: object) -> None:
         # One memory layout whatever the origin (fit or file), so BLAS rounds identically.
@@ -205,12 +238,22 @@ class Dictionary:
         -------
         ndarray of float32, shape (...)
         """
+        return self.score_with_labels(features, n_neighbors, context, partial)[0]
+
+    def score_with_labels(
+        self,
+        features: np.ndarray,
+        n_neighbors: int = 1,
+        context: np.ndarray | None = None,
+        partial: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`score` and the index of each tile's nearest centroid."""
         s, labels = self.score_and_label(features, n_neighbors)
         if self.offsets is not None:
             s = s - self.offsets[labels]
         if context is not None and self.context_offsets is not None:
             s = s - self.context_offsets[context_classes(context, partial, self.context_levels)]
-        return s
+        return s, labels
 
     def score_and_label(self, features: np.ndarray, n_neighbors: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Raw scores (no offsets) and the index of each tile's nearest centroid."""
@@ -239,7 +282,8 @@ class Dictionary:
         }
         if self.centroids is not None:
             out["centroids"] = self.centroids
-        for name in ("offsets", "context_levels", "context_offsets", "distance_edges", "distance_offsets"):
+        optional = ("offsets", "context_levels", "context_offsets", "distance_edges", "distance_offsets", "pixel_offsets")
+        for name in optional:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}

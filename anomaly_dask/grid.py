@@ -24,6 +24,7 @@ __all__ = [
     "axis_chunks",
     "chunk_windows",
     "masked_box_mean",
+    "nearest_tiles",
     "nodata_distance",
     "pixel_scores_from_tiles",
     "regular_windows",
@@ -307,6 +308,16 @@ def pixel_scores_from_tiles(
     wsum = box(weights)
     weighted = box(tile_scores * weights) / np.where(wsum > 0, wsum, 1.0)
     return np.where(wsum > 1e-9, weighted, plain).astype(np.float32)
+
+
+def nearest_tiles(lo: int, hi: int, stride: int, tile: int, n_tiles: int) -> np.ndarray:
+    """Index of the tile centred nearest each pixel ``lo .. hi - 1`` along one axis.
+
+    Tile ``i`` spans ``[i stride, i stride + tile)``. The chosen tile covers the pixel;
+    pixels past the last tile's span take the last tile.
+    """
+    idx = (np.arange(lo, hi) - (tile - stride) // 2) // stride
+    return np.clip(idx, 0, n_tiles - 1)
 
 
 def nodata_distance(valid: np.ndarray, box: tuple[int, int, int, int], cap: float) -> np.ndarray | None:

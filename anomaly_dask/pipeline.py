@@ -28,6 +28,7 @@ from .grid import (
     chunk_windows,
     lattice_floor,
     masked_box_mean,
+    nearest_tiles,
     nodata_distance,
     pixel_scores_from_tiles,
     tile_fractions,
@@ -216,16 +217,17 @@ class Extractor:
 
     def pixel_scores(
         self, unit: Unit, dictionary: Dictionary, n_neighbors: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Pixel scores of a unit's chunk (NaN on no-data), its raw pixels, and each pixel's
-        distance to no-data.
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """Pixel scores of a unit's chunk (NaN on no-data), its raw pixels, each pixel's
+        distance to no-data and nearest centroid.
 
         Where the window holds no-data, a valid pixel takes the mean score of the tiles
         wholly on data that cover it; a pixel no such tile covers (within a stride or so of
         no-data) takes the mean of the covered pixels within :meth:`edge_reach` of it, so
         that tiles partly filled in are not what judges it; only where there are none
-        (slivers of data) do tiles mostly on data count. Then, when the dictionary has
-        ``distance_offsets``, each pixel's distance-class offset is subtracted.
+        (slivers of data) do tiles mostly on data count. Then each pixel's offsets are
+        subtracted where the dictionary has them: ``pixel_offsets`` by its label, then
+        ``distance_offsets`` by its distance class.
 
         Returns
         -------
@@ -234,6 +236,8 @@ class Extractor:
         distance : ndarray of float32 (h, w) or None
             Distance to the nearest no-data pixel, capped at the largest of
             :meth:`distance_edges`; None when there is none that near.
+        labels : ndarray of int (h, w)
+            Nearest centroid of the tile centred nearest each pixel.
         """
         w = unit.window
         g = unit.grid
@@ -242,11 +246,16 @@ class Extractor:
         rows, cols = tiles_covering(g, ext)
         f, fraction, context, raw, (oy, ox) = self.features(unit, rows, cols)
         chunk_raw = raw[w.y0 - oy : w.y1 - oy, w.x0 - ox : w.x1 - ox]
+        full = None if fraction is None else fraction >= 1.0
+        tiles, tile_labels = dictionary.score_with_labels(f, n_neighbors, context, None if full is None else ~full)
+        iy = nearest_tiles(w.y0, w.y1, g.stride_h, g.tile_h, g.n_rows) - rows[0]
+        ix = nearest_tiles(w.x0, w.x1, g.stride_w, g.tile_w, g.n_cols) - cols[0]
+        labels = tile_labels[np.ix_(iy, ix)]
         if fraction is None:
-            tiles = dictionary.score(f, n_neighbors)
-            return pixel_scores_from_tiles(tiles, g, (rows[0], cols[0]), (w.y0, w.y1, w.x0, w.x1)), chunk_raw, None
-        full = fraction >= 1.0
-        tiles = dictionary.score(f, n_neighbors, context, ~full)
+            scores = pixel_scores_from_tiles(tiles, g, (rows[0], cols[0]), (w.y0, w.y1, w.x0, w.x1))
+            if dictionary.pixel_offsets is not None:
+                scores -= dictionary.pixel_offsets[labels]
+            return scores, chunk_raw, None, labels
         origin = (rows[0], cols[0])
         on_data = pixel_scores_from_tiles(tiles, g, origin, ext, full.astype(np.float64))
         covered = pixel_scores_from_tiles(full.astype(np.float32), g, origin, ext) > 0
@@ -267,10 +276,12 @@ class Extractor:
         edges = self.distance_edges(g) if dictionary.distance_edges is None else dictionary.distance_edges
         box = (w.y0 - oy, w.y1 - oy, w.x0 - ox, w.x1 - ox)
         distance = nodata_distance(wide_valid, box, float(edges[0])) if len(edges) else None
+        if dictionary.pixel_offsets is not None:
+            scores -= dictionary.pixel_offsets[labels]
         if distance is not None and dictionary.distance_offsets is not None:
             scores -= dictionary.distance_offsets[distance_classes(distance, edges)]
         scores[~wide_valid[box[0] : box[1], box[2] : box[3]]] = np.nan
-        return scores, chunk_raw, distance
+        return scores, chunk_raw, distance, labels
 
 
 def _subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -297,13 +308,15 @@ def _tile_score_task(
 
 
 def _pixel_sample_task(
-    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, n: int, seed: int
+    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, step: int
 ) -> np.ndarray:
-    scores, _, distance = extractor.pixel_scores(unit, dictionary, n_neighbors)
-    if distance is None:
-        distance = np.full(scores.shape, np.inf, dtype=np.float32)
+    scores, _, distance, labels = extractor.pixel_scores(unit, dictionary, n_neighbors)
+    w = unit.window
+    at = (slice((-w.y0) % step, None, step), slice((-w.x0) % step, None, step))  # image-wide lattice
+    scores, labels = scores[at], labels[at]
+    distance = np.full(scores.shape, np.inf, dtype=np.float32) if distance is None else distance[at]
     keep = np.isfinite(scores)
-    return _subsample(np.stack([scores[keep], distance[keep]], axis=1), n, seed)
+    return np.stack([scores[keep], distance[keep], labels[keep].astype(np.float32)], axis=1)
 
 
 def _pixel_score_task(
@@ -327,7 +340,7 @@ def _detect_task(
     rendering: Rendering,
 ) -> dict[str, float]:
     """Score one chunk, write score / mask / overlay to the store, return its statistics."""
-    scores, raw, _ = extractor.pixel_scores(unit, dictionary, rendering.n_neighbors)
+    scores, raw, _, _ = extractor.pixel_scores(unit, dictionary, rendering.n_neighbors)
     finite = np.isfinite(scores)
     mask = np.where(finite & (scores >= rendering.threshold), 255, 0).astype(np.uint8)
     rgb = display_rgb(to_unit_rgb(raw, extractor.intensity))
@@ -476,15 +489,9 @@ def train_dictionary(
 
 
 def validation_pixel_scores(
-    client: Any,
-    extractor: Any,
-    dictionary: Any,
-    units: list[Unit],
-    n_neighbors: int,
-    max_scores: int,
-    random_state: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A random sample of the validation units' pixel scores, at most about ``max_scores``.
+    client: Any, extractor: Any, dictionary: Any, units: list[Unit], n_neighbors: int, step: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The validation units' pixel scores on a lattice of every ``step``-th row and column.
 
     Returns
     -------
@@ -492,14 +499,12 @@ def validation_pixel_scores(
     distance : ndarray of float32
         Each pixel's distance to no-data, capped (see :meth:`Extractor.pixel_scores`); inf
         where its chunk has none within the cap.
+    labels : ndarray of int
+        Each pixel's nearest centroid (see :meth:`Extractor.pixel_scores`).
     """
-    rng = np.random.default_rng(random_state)
-    per_unit = max(1000, max_scores // max(1, len(units)))
-    jobs = [
-        (extractor, dictionary, u, n_neighbors, per_unit, int(rng.integers(0, 2**31))) for u in units
-    ]
+    jobs = [(extractor, dictionary, u, n_neighbors, step) for u in units]
     both = np.concatenate(list(_stream(client, _pixel_sample_task, jobs, _in_flight(client), ordered=True)))
-    return both[:, 0], both[:, 1]
+    return both[:, 0], both[:, 1], both[:, 2].astype(np.int64)
 
 
 def validation_scores(

@@ -82,6 +82,7 @@ def test_tiles_near_nodata_are_judged_against_their_own_kind(sonar, tmp_path):
     assert d.context_offsets[0] == 0 and (d.context_offsets >= 0).all() and d.context_offsets.max() > 0
     assert d.distance_edges.tolist() == [128, 64, 32, 16, 8]
     assert d.distance_offsets[0] == 0 and (d.distance_offsets >= 0).all() and d.distance_offsets.max() > 0
+    assert d.pixel_offsets is not None and (d.pixel_offsets >= 0).all()
     assert plain.dictionary_.context_offsets is None and plain.dictionary_.distance_offsets is None
     assert plain.threshold_ == ad.threshold_
     with_ctx, without = ad.score_image(sonar["test"]), plain.score_image(sonar["test"])
@@ -94,6 +95,20 @@ def test_tiles_near_nodata_are_judged_against_their_own_kind(sonar, tmp_path):
     edge = valid & (dist <= 32) & ~scene.truth(0, scene.height, 0, scene.width)
     marked = lambda s: (s[edge] >= ad.threshold_).mean()  # noqa: E731
     assert marked(with_ctx) < marked(without)
+    # on the validation mosaic itself (calibrated on every 4th pixel), edges are marked at
+    # about the interior rate
+    val_scene = SonarScene(1024, 1024, seed=12, n_objects=0)
+    val_valid = val_scene.valid(0, 1024, 0, 1024)
+    val_dist = distance_transform_edt(val_valid)
+    rate = lambda s, sel: (s[sel] >= ad.threshold_).mean()  # noqa: E731
+    near, inside = val_valid & (val_dist <= 32), val_dist >= 128
+    val_with, val_without = (m.score_image(str(tmp_path / "val.tif")) for m in (ad, plain))
+    print(
+        f"validation mosaic: marked {rate(val_with, near):.4f} within 32 px of no-data "
+        f"({rate(val_without, near):.4f} without context offsets), {rate(val_with, inside):.4f} beyond 128 px"
+    )
+    assert rate(val_with, near) <= max(1.25 * rate(val_with, inside), 0.005)
+    assert rate(val_with, near) < rate(val_without, near) / 2
 
 
 def test_other_model_into_same_store_is_refused(sonar, tmp_path):

@@ -11,6 +11,7 @@ from anomaly_dask.dictionary import (
     distance_classes,
     distance_offsets,
     group_offsets,
+    rate_offsets,
     threshold_from_scores,
 )
 
@@ -103,10 +104,21 @@ def test_distance_offsets_mark_each_class_as_often_as_the_interior():
     assert not distance_offsets(scores[len(interior) - 10 :], classes[len(interior) - 10 :], 5, threshold).any()
 
 
-def test_distance_offsets_persist_with_the_dictionary():
+def test_pixel_offsets_persist_with_the_dictionary():
     d = _dictionary()
     d.distance_edges = np.array([64.0, 32.0])
     d.distance_offsets = np.array([0.0, 0.5, 1.5])
+    d.pixel_offsets = np.array([0.25, 0.0])
     back = Dictionary(**d.arrays())
-    np.testing.assert_array_equal(back.distance_edges, d.distance_edges)
-    np.testing.assert_array_equal(back.distance_offsets, d.distance_offsets)
+    for name in ("distance_edges", "distance_offsets", "pixel_offsets"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(d, name))
+
+
+def test_rate_offsets_bring_each_group_down_to_the_target_rate():
+    rng = np.random.default_rng(1)
+    scores = np.concatenate([rng.normal(0, 1, 50_000), rng.normal(2, 1, 50_000), rng.normal(9, 1, 999)])
+    groups = np.repeat([0, 1, 2], [50_000, 50_000, 999])
+    off = rate_offsets(scores, groups, 4, threshold=2.0, below=0.99)
+    assert off[2] == 0 and off[3] == 0  # too few scores; none at all
+    assert off[0] == pytest.approx(max(0.0, np.quantile(scores[:50_000], 0.99) - 2.0))
+    assert np.mean(scores[groups == 1] - off[1] < 2.0) == pytest.approx(0.99, abs=1e-3)

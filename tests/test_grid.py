@@ -10,6 +10,7 @@ from anomaly_dask.grid import (
     axis_chunks,
     chunk_windows,
     masked_box_mean,
+    nearest_tiles,
     nodata_distance,
     pixel_scores_from_tiles,
     tile_fractions,
@@ -135,3 +136,16 @@ def test_nodata_distance_is_none_without_nodata_in_reach_and_checks_the_window()
     assert nodata_distance(valid, (30, 40, 30, 40), 10.0) is None
     with pytest.raises(ValueError, match="does not hold"):
         nodata_distance(valid, (5, 40, 30, 40), 10.0)
+
+
+@pytest.mark.parametrize(("tile", "stride", "length"), [(32, 8, 203), (24, 6, 100), (16, 16, 70)])
+def test_nearest_tiles_pick_the_tile_centred_nearest_each_pixel(tile, stride, length):
+    n = (length - tile) // stride + 1
+    got = nearest_tiles(0, length, stride, tile, n)
+    centres = np.arange(n) * stride + tile / 2
+    covering = np.abs(np.arange(length)[:, None] + 0.5 - centres[None, :])
+    np.testing.assert_array_equal(got, covering.argmin(axis=1))
+    inside = np.arange(length) < (n - 1) * stride + tile
+    starts = got * stride
+    assert ((starts <= np.arange(length)) & (np.arange(length) < starts + tile))[inside].all()
+    np.testing.assert_array_equal(nearest_tiles(37, length - 5, stride, tile, n), got[37 : length - 5])
