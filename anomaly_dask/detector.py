@@ -142,7 +142,6 @@ class AnomalyDetector:
         dictionary: Dictionary,
         val_units: list[pipeline.Unit],
         s: dict[str, Any],
-        seed: int,
         near_nodata: bool,
     ) -> None:
         """Set the dictionary's pixel offsets from a sample of validation pixel scores.
@@ -298,7 +297,7 @@ class AnomalyDetector:
                 # Tile quantiles do not carry over to pixel scores (means of many tiles):
                 # match the rates on validation pixels too.
                 self._fit_pixel_offsets(
-                    client, local_extractor, extractor, dictionary, val_units, s, seed, near_nodata
+                    client, local_extractor, extractor, dictionary, val_units, s, near_nodata
                 )
         self.dictionary_ = dictionary
         self.validation_scores_summary_ = {
