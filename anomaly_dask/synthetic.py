@@ -311,6 +311,8 @@ class _Geometry:
         float32 ground range fraction, 0 at the nadir edge and 1 at the swath edge.
     gain : numpy.ndarray
         float32 ping gain times side gain.
+    nadir_half : numpy.ndarray
+        float32 half-width of the nadir gap of the pixel's line at its ping, 0 where no data.
     """
 
     valid: np.ndarray
@@ -319,6 +321,7 @@ class _Geometry:
     side: np.ndarray
     rho: np.ndarray
     gain: np.ndarray
+    nadir_half: np.ndarray
 
 
 # --------------------------------------------------------------------------------------
@@ -671,7 +674,7 @@ class SonarScene:
         dist = np.where(valid, best, _F32(0))
         rho = np.clip((dist - nadir_half) / np.maximum(rng_max - nadir_half, _F32(1)), _F32(0), _F32(1))
         nadir = valid & (dist < nadir_half)
-        return _Geometry(valid, nadir, line, side, rho, gain)
+        return _Geometry(valid, nadir, line, side, rho, gain, np.where(valid, nadir_half, _F32(0)))
 
     # ---- seabed -------------------------------------------------------------------------
 
@@ -691,12 +694,15 @@ class SonarScene:
         blend = _smoothstep(-0.3, 0.3, _noise2(ys, xs, 1500.0, _key(self.seed, "ripple-blend")))
         return out[0] + (out[1] - out[0]) * blend
 
-    def _reflectivity(self, ys: np.ndarray, xs: np.ndarray, geo: _Geometry) -> np.ndarray:
-        """Seabed backscatter (sand = 1) including sediments, ripples and relief shading."""
+    def _sediments(self, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Weights of mud and gravel (sand is the rest), float32 in [0, 1]."""
         octaves = ((1900.0, 1.0), (700.0, 0.5), (260.0, 0.25), (90.0, 0.14), (30.0, 0.07))
         s = _fbm2(ys, xs, octaves, _key(self.seed, "sed"))
-        w_mud = _smoothstep(-0.2, -0.27, s)
-        w_gravel = _smoothstep(0.3, 0.37, s)
+        return _smoothstep(-0.2, -0.27, s), _smoothstep(0.3, 0.37, s)
+
+    def _reflectivity(self, ys: np.ndarray, xs: np.ndarray, geo: _Geometry) -> np.ndarray:
+        """Seabed backscatter (sand = 1) including sediments, ripples and relief shading."""
+        w_mud, w_gravel = self._sediments(ys, xs)
         w_sand = _F32(1) - w_mud - w_gravel
         sand = _F32(1.0)
         if self.ripple_strength > 0:
@@ -914,6 +920,22 @@ class SonarScene:
         if ys.size == 0 or xs.size == 0:
             return np.zeros((ys.size, xs.size), dtype=bool)
         return self._geometry(ys, xs).nadir
+
+    def nadir_gap_width(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Full width (pixels, across track) of the nadir gap of each pixel's survey line at
+        its ping; float32, 0 where there is no data. Varies along a line."""
+        ys, xs = self._coords(y0, y1, x0, x1)
+        if ys.size == 0 or xs.size == 0:
+            return np.zeros((ys.size, xs.size), dtype=_F32)
+        return _F32(2) * self._geometry(ys, xs).nadir_half
+
+    def sediment(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Dominant sediment of each pixel of a window: uint8, 0 mud, 1 sand, 2 gravel
+        (whatever the swaths; see :meth:`valid`)."""
+        ys, xs = self._coords(y0, y1, x0, x1)
+        mud, gravel = self._sediments(ys, xs)
+        out = np.where(gravel > 0.5, 2, np.where(mud > 0.5, 0, 1))
+        return out.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------

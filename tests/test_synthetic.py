@@ -128,6 +128,37 @@ def test_nadir_band_darker_than_surroundings(full):
     assert nadir.mean() < 0.1
 
 
+def test_nadir_gap_width_measures_the_nadir_band(scene, full):
+    width = scene.nadir_gap_width(0, H, 0, W)
+    valid, nadir = full["valid"], full["nadir"]
+    assert (width[~valid] == 0).all()
+    lo, hi = SMALL["nadir_width"]
+    assert (width[valid] >= lo).all() and (width[valid] <= hi).all()
+    # each nadir band's pixel count in a column is its width there, to a pixel or so
+    labels, _ = ndimage.label(nadir)
+    errors = []
+    for x in range(W):
+        col = labels[:, x]
+        for band in np.unique(col[col > 0]):
+            rows = np.flatnonzero(col == band)
+            errors.append(abs(len(rows) - width[rows, x].mean()))
+    assert len(errors) > W
+    assert np.median(errors) <= 1.0 and np.max(errors) <= 2.0
+    np.testing.assert_array_equal(scene.nadir_gap_width(101, 377, 33, 290), width[101:377, 33:290])
+
+
+def test_sediment_classes_follow_brightness():
+    sc = SonarScene(1024, 1024, seed=3, n_objects=0)
+    sed = sc.sediment(0, 1024, 0, 1024)
+    assert sed.dtype == np.uint8 and set(np.unique(sed)) <= {0, 1, 2}
+    np.testing.assert_array_equal(sc.sediment(200, 500, 300, 900), sed[200:500, 300:900])
+    img = sc.render(0, 1024, 0, 1024).astype(float)
+    keep = sc.valid(0, 1024, 0, 1024) & ~sc.nadir(0, 1024, 0, 1024)
+    means = [img[keep & (sed == k)].mean() for k in range(3) if (keep & (sed == k)).sum() > 1000]
+    assert len(means) >= 2
+    assert means == sorted(means)  # mud darker than sand darker than gravel
+
+
 def test_targets_lie_on_valid_seabed(scene, full):
     truth, valid, nadir = full["truth"], full["valid"], full["nadir"]
     assert len(scene.targets) == 8
