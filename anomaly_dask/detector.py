@@ -141,21 +141,26 @@ class AnomalyDetector:
         extractor: Any,
         dictionary: Dictionary,
         val_units: list[pipeline.Unit],
+        train_units: list[pipeline.Unit],
         s: dict[str, Any],
         near_nodata: bool,
     ) -> None:
-        """Set the dictionary's pixel offsets from a sample of validation pixel scores.
+        """Set the dictionary's pixel offsets from samples of pixel scores.
 
         With ``cluster_thresholds``, pixels of each centroid (see
         :meth:`pipeline.Extractor.pixel_scores`) are marked at most as often as the
-        validation pixels away from no-data; with ``near_nodata``, then pixels of each
-        distance class as often as those away from no-data.
+        validation pixels away from no-data. The groups are matched on validation and
+        training pixels together: validation images often miss appearances the training
+        images hold (a sediment beside a nadir band of some width), and their centroids
+        would otherwise be judged by the global threshold alone. With ``near_nodata``,
+        then pixels of each distance class are matched to the same rate on validation
+        pixels only.
         """
         grid = val_units[0].grid
         edges = local_extractor.distance_edges(grid)
         dict_future = client.scatter(dictionary, broadcast=True)
         step = PIXEL_SAMPLE_STEP
-        scores, distance, labels = pipeline.validation_pixel_scores(
+        scores, distance, labels = pipeline.sample_pixel_scores(
             client, extractor, dict_future, val_units, s["kmeans_neighbors"], step
         )
         # a group needs as many samples as 100 tiles' worth of pixels (as for tile offsets)
@@ -164,8 +169,16 @@ class AnomalyDetector:
         interior = classes == 0
         if s["cluster_thresholds"] and interior.sum() >= least:
             below = float(np.mean(scores[interior] < self.threshold_))
+            t_scores, t_distance, t_labels = pipeline.sample_pixel_scores(
+                client, extractor, dict_future, train_units, s["kmeans_neighbors"], step
+            )
+            t_inner = (distance_classes(t_distance, edges) == 0) if len(edges) else np.ones(len(t_scores), bool)
             k = len(dictionary.centroids)
-            offsets = rate_offsets(scores[interior], labels[interior], k, self.threshold_, below, least)
+            offsets = rate_offsets(
+                np.concatenate([scores[interior], t_scores[t_inner]]),
+                np.concatenate([labels[interior], t_labels[t_inner]]),
+                k, self.threshold_, below, least,
+            )
             log.info("pixel offsets by centroid: %d of %d set, largest %.3f", (offsets > 0).sum(), k, offsets.max())
             dictionary.pixel_offsets = offsets
             scores = scores - offsets[labels]
@@ -248,9 +261,7 @@ class AnomalyDetector:
         if len(train_units) > budget:
             log.info("training on a random %d of %d chunks (max_train_chunks)", budget, len(train_units))
             train_units = [train_units[i] for i in np.sort(rng.choice(len(train_units), budget, replace=False))]
-        if len(val_units) > max(8, budget // 4):
-            keep = max(8, budget // 4)
-            val_units = [val_units[i] for i in np.sort(rng.choice(len(val_units), keep, replace=False))]
+        val_units = _at_most(val_units, max(8, budget // 4), rng)
         self.intensity_ = self._fit_intensity(train_sources, rng)
         weights_id, state = resolve_weights(s["backbone"], s["weights"])
         self.backbone_ = build_backbone(
@@ -297,7 +308,8 @@ class AnomalyDetector:
                 # Tile quantiles do not carry over to pixel scores (means of many tiles):
                 # match the rates on validation pixels too.
                 self._fit_pixel_offsets(
-                    client, local_extractor, extractor, dictionary, val_units, s, near_nodata
+                    client, local_extractor, extractor, dictionary, val_units,
+                    _at_most(train_units, max(8, budget // 4), rng), s, near_nodata,
                 )
         self.dictionary_ = dictionary
         self.validation_scores_summary_ = {
@@ -652,6 +664,13 @@ class AnomalyDetector:
         det.n_components_ = int(det.dictionary_.pca_components.shape[0])
         det.fingerprint_ = fp
         return det
+
+
+def _at_most(units: list[pipeline.Unit], n: int, rng: np.random.Generator) -> list[pipeline.Unit]:
+    """``units``, or a random ``n`` of them in their order when there are more."""
+    if len(units) <= n:
+        return units
+    return [units[i] for i in np.sort(rng.choice(len(units), n, replace=False))]
 
 
 def _has_dist() -> bool:

@@ -488,10 +488,10 @@ def train_dictionary(
     return dictionary
 
 
-def validation_pixel_scores(
+def sample_pixel_scores(
     client: Any, extractor: Any, dictionary: Any, units: list[Unit], n_neighbors: int, step: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The validation units' pixel scores on a lattice of every ``step``-th row and column.
+    """The units' valid pixel scores on a lattice of every ``step``-th row and column.
 
     Returns
     -------
