@@ -13,7 +13,7 @@ instead, so the test mosaics hold ripple orientations that training never saw.
 
 Usage::
 
-    python jobs/bench_mosaic.py [--small 4096] [--large 16384] [--train-size 4096]
+    python jobs/bench_mosaic.py [--small 4096] [--large 16384] [--train-size 8192]
         [--site 23 | --cross-site] [--workdir bench_out] [--scheduler ADDR]
 """
 
@@ -49,11 +49,25 @@ print(json.dumps(summary))
 """
 
 
+NARROW = 8.0  # px: nadir gaps narrower than this (full width) are reported apart
+SEDIMENTS = ("mud", "sand", "gravel")
+
+
 def evaluate(scene: SonarScene, store: str, step: int) -> dict[str, float]:
-    """AUROC and false-positive rates of a finished store, read band by band."""
+    """AUROC and false-positive rates of a finished store, read band by band.
+
+    Rates: inside no-data, in the nadir bands (also split by gap width and by sediment),
+    within :data:`EDGE` px of swath edges and on other seabed (also by sediment).
+    """
     g = zarr.open_group(store, mode="r")
     scores, truths = [], []
-    fp_nodata, fp_nadir, fp_edge, fp_normal = [0, 0], [0, 0], [0, 0], [0, 0]
+    fp: dict[str, list[int]] = {}
+
+    def count(name: str, m: np.ndarray, sel: np.ndarray) -> None:
+        acc = fp.setdefault(name, [0, 0])
+        acc[0] += int(m[sel].sum())
+        acc[1] += int(sel.sum())
+
     band, margin = 2048, EDGE
     for y0 in range(0, scene.height, band):
         y1 = min(scene.height, y0 + band)
@@ -67,20 +81,35 @@ def evaluate(scene: SonarScene, store: str, step: int) -> dict[str, float]:
         edge = wide[y0 - ya : y0 - ya + (y1 - y0)] & valid & ~truth
         nadir = scene.nadir(y0, y1, 0, scene.width) & valid & ~truth & ~edge
         normal = valid & ~truth & ~nadir & ~edge
-        for acc, sel in ((fp_nodata, ~valid), (fp_nadir, nadir), (fp_edge, edge), (fp_normal, normal)):
-            acc[0] += int(m[sel].sum())
-            acc[1] += int(sel.sum())
+        narrow = scene.nadir_gap_width(y0, y1, 0, scene.width) < NARROW
+        sediment = scene.sediment(y0, y1, 0, scene.width)
+        for name, sel in (("nodata", ~valid), ("nadir", nadir), ("swath_edge", edge), ("normal_seabed", normal)):
+            count(name, m, sel)
+        count("nadir_narrow", m, nadir & narrow)
+        count("nadir_wide", m, nadir & ~narrow)
+        for k, sed in enumerate(SEDIMENTS):
+            count(f"nadir_{sed}", m, nadir & (sediment == k))
+            count(f"seabed_{sed}", m, normal & (sediment == k))
         s, t, v = sc[::step, ::step], truth[::step, ::step], valid[::step, ::step]
         scores.append(s[v])
         truths.append(t[v])
     y, s = np.concatenate(truths), np.concatenate(scores)
-    return {
-        "auroc": float(roc_auc_score(y, s)) if y.any() else float("nan"),
-        "fpr_nodata": fp_nodata[0] / max(1, fp_nodata[1]),
-        "fpr_nadir": fp_nadir[0] / max(1, fp_nadir[1]),
-        "fpr_swath_edge": fp_edge[0] / max(1, fp_edge[1]),
-        "fpr_normal_seabed": fp_normal[0] / max(1, fp_normal[1]),
-    }
+    out = {"auroc": float(roc_auc_score(y, s)) if y.any() else float("nan")}
+    out.update({f"fpr_{k}": a / n if n else float("nan") for k, (a, n) in fp.items()})
+    out.update({f"share_{k}": n / max(1, fp["nadir"][1]) for k, (_, n) in fp.items() if k.startswith("nadir_")})
+    return out
+
+
+def breakdown(q: dict[str, float]) -> str:
+    """One line: nadir rates by gap width and by sediment, seabed rates by sediment."""
+    seds = ", ".join(
+        f"{sed} {q[f'fpr_nadir_{sed}']:.4f} ({q[f'share_nadir_{sed}']:.0%} of nadir) / {q[f'fpr_seabed_{sed}']:.4f}"
+        for sed in SEDIMENTS
+    ).replace("nan", "-")
+    return (
+        f"  nadir gaps under {NARROW:.0f} px wide {q['fpr_nadir_narrow']:.4f} ({q['share_nadir_narrow']:.0%} of nadir), "
+        f"wider {q['fpr_nadir_wide']:.4f}; nadir / other seabed by sediment: {seds}"
+    )
 
 
 def main() -> None:
@@ -90,7 +119,7 @@ def main() -> None:
     p.add_argument("--large", type=int, default=16384)
     p.add_argument("--workdir", type=Path, default=Path("bench_out"))
     p.add_argument("--eval-step", type=int, default=4)
-    p.add_argument("--train-size", type=int, default=4096, help="training mosaic side (validation: half as tall)")
+    p.add_argument("--train-size", type=int, default=8192, help="training mosaic side (validation: half as tall)")
     p.add_argument("--site", type=int, default=23, help="ripple regime shared by all mosaics (default 23)")
     p.add_argument("--cross-site", action="store_true", help="give every mosaic its own ripple regime")
     p.add_argument("--scheduler", default="")
@@ -101,7 +130,8 @@ def main() -> None:
         for size in (args.small, args.large):
             q = evaluate(SonarScene(size, size, seed=23, site=site), str(args.workdir / f"mosaic_{size}.zarr"),
                          1 if size <= 4096 else args.eval_step)
-            print(size, {k: round(v, 4) for k, v in q.items()})
+            print(size, {k: round(v, 4) for k, v in q.items() if not k.startswith("share")})
+            print(breakdown(q))
         return
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -137,6 +167,7 @@ def main() -> None:
             f"other seabed {quality['fpr_normal_seabed']:.4f}",
             flush=True,
         )
+        print(breakdown(quality), flush=True)
     a, b = results[args.small]["peak_mib"], results[args.large]["peak_mib"]
     print(f"pixels x{(args.large / args.small) ** 2:.0f} -> peak memory ratio {b / a:.2f}")
 
