@@ -149,12 +149,13 @@ class AnomalyDetector:
 
         With ``cluster_thresholds``, pixels of each centroid (see
         :meth:`pipeline.Extractor.pixel_scores`) are marked at most as often as the
-        validation pixels away from no-data. The groups are matched on validation and
-        training pixels together: validation images often miss appearances the training
-        images hold (a sediment beside a nadir band of some width), and their centroids
-        would otherwise be judged by the global threshold alone. With ``near_nodata``,
-        then pixels of each distance class are matched to the same rate on validation
-        pixels only.
+        validation pixels away from no-data, both among validation pixels and among
+        training pixels (each group takes the larger offset): validation images often miss
+        appearances the training images hold (a sediment beside a nadir band of some
+        width), whose centroids would otherwise be judged by the global threshold alone.
+        Training pixels score low where the dictionary was fitted on them, so they only
+        ever raise an offset. With ``near_nodata``, then pixels of each distance class are
+        matched to the same rate on validation pixels only.
         """
         grid = val_units[0].grid
         edges = local_extractor.distance_edges(grid)
@@ -174,10 +175,9 @@ class AnomalyDetector:
             )
             t_inner = (distance_classes(t_distance, edges) == 0) if len(edges) else np.ones(len(t_scores), bool)
             k = len(dictionary.centroids)
-            offsets = rate_offsets(
-                np.concatenate([scores[interior], t_scores[t_inner]]),
-                np.concatenate([labels[interior], t_labels[t_inner]]),
-                k, self.threshold_, below, least,
+            offsets = np.maximum(
+                rate_offsets(scores[interior], labels[interior], k, self.threshold_, below, least),
+                rate_offsets(t_scores[t_inner], t_labels[t_inner], k, self.threshold_, below, least),
             )
             log.info("pixel offsets by centroid: %d of %d set, largest %.3f", (offsets > 0).sum(), k, offsets.max())
             dictionary.pixel_offsets = offsets

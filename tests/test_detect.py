@@ -111,6 +111,53 @@ def test_tiles_near_nodata_are_judged_against_their_own_kind(sonar, tmp_path):
     assert rate(val_with, near) < rate(val_without, near) / 2
 
 
+def test_centroid_pixel_offsets_take_the_larger_of_validation_and_training(sonar, monkeypatch):
+    """Training pixels set offsets for groups validation lacks or under-samples, and never
+    lower what validation asks for; distance offsets come from validation alone."""
+    import copy
+
+    from anomaly_dask import pipeline
+
+    ad = copy.deepcopy(sonar["model"])
+    s = ad._settings()
+    d, thr = ad.dictionary_, ad.threshold_
+    d.pixel_offsets = d.distance_offsets = d.distance_edges = None
+    k = len(d.centroids)
+    rng = np.random.default_rng(0)
+    # validation: every group but 3; group 0 has its top 30 % 1.0 to 1.5 above the threshold
+    val_labels = np.repeat([g for g in range(k) if g != 3], 1000)
+    val_scores = thr - 1.0 - rng.random(len(val_labels))
+    top = (val_labels == 0) & (rng.random(len(val_labels)) < 0.3)
+    val_scores[top] = thr + 1.0 + 0.5 * rng.random(top.sum())
+    # training: group 3 (unseen in validation) high, group 0 low, group 1 a little high
+    train_labels = np.repeat([3, 0, 1], 1000)
+    train_scores = np.r_[thr + 2.0 + rng.random(1000), thr - 2.0 - rng.random(1000), thr + 0.1 + 0.1 * rng.random(1000)]
+    src, grid = ad._open(sonar["test"], s)
+    units = pipeline.plan_units(src, grid, s["chunk_size"])
+    val_units, train_units = units[:3], units[3:6]
+
+    def fake(client, extractor, dictionary, units, n_neighbors, step):
+        scores, labels = (val_scores, val_labels) if units is val_units else (train_scores, train_labels)
+        return scores.astype(np.float32), np.full(len(scores), np.inf, np.float32), labels
+
+    class Client:
+        def scatter(self, x, broadcast=False):
+            return x
+
+    monkeypatch.setattr(pipeline, "sample_pixel_scores", fake)
+    extractor = ad._extractor(s)
+    ad._fit_pixel_offsets(Client(), extractor, extractor, d, val_units, train_units, s, near_nodata=True)
+    below = float(np.mean(val_scores < thr))
+    expect = np.zeros(k, np.float32)
+    expect[0] = np.quantile(val_scores[val_labels == 0], below) - thr  # validation's, not lowered
+    expect[3] = np.quantile(train_scores[:1000], below) - thr  # set by training alone
+    expect[1] = np.quantile(train_scores[2000:], below) - thr  # raised by training
+    np.testing.assert_allclose(d.pixel_offsets, expect, rtol=1e-5, atol=1e-6)
+    assert expect[0] > 1.0 and expect[3] > 2.0 and 0.1 < expect[1] < 0.2
+    # every distance sample was interior (inf), so no distance class gets an offset
+    assert d.distance_offsets is not None and (d.distance_offsets == 0).all()
+
+
 def test_other_model_into_same_store_is_refused(sonar, tmp_path):
     out = str(tmp_path / "out.zarr")
     sonar["model"].detect(sonar["test"], out, quicklook=False)
