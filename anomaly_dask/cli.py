@@ -7,6 +7,7 @@ Examples
     anomaly-dask train normal/ --val val/ --model model.safetensors --random-state 0
     anomaly-dask detect model.safetensors a.tif b.tif --output s3://bucket/out/ \\
         --scheduler tcp://head:8786 --geotiff mask --storage-option anon=false
+    anomaly-dask evaluate model.safetensors test/ --ground-truth gt/ --output report/
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ PROG = "anomaly-dask"
 _SKIPPED = ("client", "storage_options", "verbose")
 
 #: Options that may change how a loaded model runs (``detect``); the rest are learned.
-RUNTIME = ("chunk_size", "nodata", "overlay_color", "overlay_opacity", "device", "cnn_batchsize")
+RUNTIME = (
+    "chunk_size", "nodata", "overlay_color", "overlay_opacity", "device", "cnn_batchsize",
+    "false_alarm_rate",
+)
 
 #: Types of the options whose default is None.
 _NONE_TYPES: dict[str, Any] = {
     "tile_height": int, "tile_width": int, "stride_height": int, "stride_width": int,
     "kmeans_random": int, "random_state": int, "threshold": float, "nodata": float, "device": str,
+    "threshold_mode": str,
 }
 
 _HELP = {
@@ -51,10 +56,13 @@ _HELP = {
     "kmeans_trials": "k-means restarts when seeding the dictionary",
     "kmeans_random": "alias of --random-state",
     "kmeans_neighbors": "centroids averaged per tile score",
-    "threshold_mode": "how the threshold is set from validation scores",
-    "cdf": "quantile of validation scores (threshold mode cdf)",
-    "zscore": "mean + ZSCORE std of validation scores (threshold mode zscore)",
-    "threshold": "manual threshold (threshold mode manual)",
+    "threshold_mode": "seed-compatible rules, each a false-alarm rate: cdf (1 - CDF), zscore "
+    "(Gaussian tail beyond ZSCORE), manual (THRESHOLD in calibrated units); default: --false-alarm-rate",
+    "cdf": "threshold mode cdf: mark the share 1 - CDF of normal pixels",
+    "zscore": "threshold mode zscore: mark the Gaussian tail share beyond ZSCORE (1.645: 5 %%)",
+    "threshold": "threshold mode manual: calibrated score (-log10 of the normal share), e.g. 3",
+    "false_alarm_rate": "share of normal pixels marked (calibrated on validation pixels)",
+    "calibration_groups": "calibration groups: centroid (within distance to no-data), distance, global",
     "auto_threshold": "learn the threshold (--no-auto-threshold: manual --threshold)",
     "overlay_color": "overlay colour as R G B", "overlay_opacity": "overlay opacity in [0, 1]",
     "val_fraction": "share of training images (or regions) used for validation without --val",
@@ -65,12 +73,11 @@ _HELP = {
     "chunk_size": "processing chunk in px", "max_fit_tiles": "most tile features held while fitting",
     "max_train_chunks": "most training chunks used", "nodata": "no-data value of the inputs",
     "random_state": "seed of sampling, splits, PCA, k-means and random weights",
-    "cluster_thresholds": "judge each dictionary cluster against its own validation spread",
-    "context_thresholds": "judge tiles near no-data against validation tiles near no-data",
 }
 
 _CHOICES: dict[str, list[Any]] = {
     "threshold_mode": ["cdf", "zscore", "manual"], "features": ["dense", "patch"],
+    "calibration_groups": ["centroid", "distance", "global"],
     "upsample": [1, 2, 4],
 }
 
@@ -153,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, description="CNN-tile anomaly detection for very large images on Dask.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,detect}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,detect,evaluate}", required=True)
     names = [n for n in DEFAULTS if n not in _SKIPPED]
 
     train = sub.add_parser("train", help="learn a model from anomaly-free images",
@@ -179,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--no-quicklook", action="store_true", help="do not write quicklook.png")
     _add_common_options(detect)
     _add_detector_options(detect, [n for n in names if n in RUNTIME])
+
+    evaluate = sub.add_parser(
+        "evaluate", help="score test images against ground-truth masks",
+        description="Score test images against pixel ground truth (chunk by chunk) and write "
+                    "metrics.json plus ROC / PRO / histogram pictures and overlays with GT contours.",
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="model file written by train")
+    evaluate.add_argument("test", metavar="TEST", help="test image, mosaic or folder (path or URL)")
+    evaluate.add_argument("--ground-truth", required=True, metavar="GT",
+                          help="mask file, or folder of masks named after the test images "
+                               "(<stem>.*, <stem>_mask.*, <stem>_gt.*); 0 normal, one positive value anomalous")
+    evaluate.add_argument("--output", required=True, metavar="DIR", help="report folder/URL")
+    evaluate.add_argument("--no-overlays", action="store_true", help="do not write per-image overlays")
+    _add_common_options(evaluate)
+    _add_detector_options(evaluate, [n for n in names if n in RUNTIME])
     return parser
 
 
@@ -308,6 +330,14 @@ def _run(args: argparse.Namespace) -> int:
                        f"{ad.n_components_} PCA components, {time.perf_counter() - t0:.1f} s")
             return 0
         ad = AnomalyDetector.load(args.model, storage_options=options, **detector_kw, **common)
+        if args.command == "evaluate":
+            result = ad.evaluate(args.test, args.ground_truth, args.output, overlays=not args.no_overlays)
+            overall = {k: v for k, v in result.items() if k not in ("images", "report")}
+            print(json.dumps(overall, default=str))
+            _say(args, f"AUROC {result['auroc']:.4f}, AUPRO {result['aupro']:.4f}, F1 {result['f1'] or 0:.3f}, "
+                       f"normal pixels marked {result['normal_marked']:.4%} (model promises "
+                       f"{ad.false_alarm_rate_:.4%}); report in {args.output}")
+            return 0
         pixels = anomalous = valid = 0
         for image, store in zip(args.inputs, stores):
             bar = _Bar(_stem(image), enabled=not args.quiet)

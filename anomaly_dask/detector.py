@@ -13,17 +13,9 @@ import numpy as np
 
 from . import pipeline
 from .backbones import build_backbone, fold_batchnorm, resolve_weights
-from .dictionary import (
-    CONTEXT_LEVELS,
-    Dictionary,
-    context_classes,
-    distance_classes,
-    distance_offsets,
-    group_offsets,
-    rate_offsets,
-    threshold_from_scores,
-)
-from .errors import ImageReadError, NotFittedError, ParameterError
+from .calibration import decision_rule, distance_classes, fit_calibration
+from .dictionary import Dictionary
+from .errors import GroundTruthError, ImageReadError, NotFittedError, ParameterError
 from .features import FeatureConfig
 from .grid import TileGrid
 from .model_file import read_model, write_model
@@ -35,8 +27,14 @@ __all__ = ["AnomalyDetector"]
 
 log = logging.getLogger("anomaly_dask")
 
-#: Validation pixel scores are sampled on every this many rows and columns.
-PIXEL_SAMPLE_STEP = 4
+#: Most validation pixels sampled for calibration (on a lattice of every n-th row and
+#: column, n chosen to stay under this).
+CALIBRATION_PIXELS = 2_000_000
+
+#: A calibration group needs the area of this many tiles (in sampled pixels, and at least
+#: :data:`MIN_GROUP_SAMPLES`); smaller groups fall back to a coarser one.
+MIN_GROUP_TILES = 16
+MIN_GROUP_SAMPLES = 1000
 
 #: Backbone context (network pixels) added around each window's tiles in dense mode.
 CONTEXT = {"resnet18": 160, "efficientnet_lite0": 160}
@@ -134,58 +132,38 @@ class AnomalyDetector:
         return pipeline.Extractor(backbone, self._feature_config(s), self.intensity_, s["nodata"])
 
     # ------------------------------------------------------------------ training
-    def _fit_pixel_offsets(
+    def _calibrate(
         self,
         client: Any,
         local_extractor: pipeline.Extractor,
         extractor: Any,
         dictionary: Dictionary,
         val_units: list[pipeline.Unit],
-        train_units: list[pipeline.Unit],
         s: dict[str, Any],
-        near_nodata: bool,
     ) -> None:
-        """Set the dictionary's pixel offsets from samples of pixel scores.
+        """Fit the dictionary's calibration on raw pixel scores of the validation units.
 
-        With ``cluster_thresholds``, pixels of each centroid (see
-        :meth:`pipeline.Extractor.pixel_scores`) are marked at most as often as the
-        validation pixels away from no-data, both among validation pixels and among
-        training pixels (each group takes the larger offset): validation images often miss
-        appearances the training images hold (a sediment beside a nadir band of some
-        width), whose centroids would otherwise be judged by the global threshold alone.
-        Training pixels score low where the dictionary was fitted on them, so they only
-        ever raise an offset. With ``near_nodata``, then pixels of each distance class are
-        matched to the same rate on validation pixels only.
+        Pixels are sampled on a lattice of every ``step``-th row and column, ``step`` the
+        smallest that keeps the sample under :data:`CALIBRATION_PIXELS`.
         """
         grid = val_units[0].grid
         edges = local_extractor.distance_edges(grid)
+        area = sum(u.window.shape[0] * u.window.shape[1] for u in val_units)
+        step = max(1, int(np.ceil(np.sqrt(area / CALIBRATION_PIXELS))))
         dict_future = client.scatter(dictionary, broadcast=True)
-        step = PIXEL_SAMPLE_STEP
         scores, distance, labels = pipeline.sample_pixel_scores(
             client, extractor, dict_future, val_units, s["kmeans_neighbors"], step
         )
-        # a group needs as many samples as 100 tiles' worth of pixels (as for tile offsets)
-        least = max(1, round(100 * grid.stride_h * grid.stride_w / step**2))
+        least = max(MIN_GROUP_SAMPLES, round(MIN_GROUP_TILES * grid.tile_h * grid.tile_w / step**2))
         classes = distance_classes(distance, edges) if len(edges) else np.zeros(len(scores), dtype=np.int64)
-        interior = classes == 0
-        if s["cluster_thresholds"] and interior.sum() >= least:
-            below = float(np.mean(scores[interior] < self.threshold_))
-            t_scores, t_distance, t_labels = pipeline.sample_pixel_scores(
-                client, extractor, dict_future, train_units, s["kmeans_neighbors"], step
-            )
-            t_inner = (distance_classes(t_distance, edges) == 0) if len(edges) else np.ones(len(t_scores), bool)
-            k = len(dictionary.centroids)
-            offsets = np.maximum(
-                rate_offsets(scores[interior], labels[interior], k, self.threshold_, below, least),
-                rate_offsets(t_scores[t_inner], t_labels[t_inner], k, self.threshold_, below, least),
-            )
-            log.info("pixel offsets by centroid: %d of %d set, largest %.3f", (offsets > 0).sum(), k, offsets.max())
-            dictionary.pixel_offsets = offsets
-            scores = scores - offsets[labels]
-        if near_nodata and len(edges):
-            offsets = distance_offsets(scores, classes, len(edges) + 1, self.threshold_, least)
-            log.info("pixel offsets by distance to no-data (< %s px): %s", edges.tolist(), offsets[1:].round(3).tolist())
-            dictionary.distance_edges, dictionary.distance_offsets = edges, offsets
+        dictionary.calibration = fit_calibration(
+            scores, labels, classes, len(dictionary.centroids), edges,
+            grouping=s["calibration_groups"], min_samples=least,
+        )
+        log.info(
+            "calibrated on %d validation pixels (every %d px): %d groups of at least %d",
+            len(scores), step, dictionary.calibration.n_groups, least,
+        )
 
     def _split(
         self, train: Any, val: Any, s: dict[str, Any], rng: np.random.Generator
@@ -282,46 +260,18 @@ class AnomalyDetector:
                 pca_variance=s["pca_variance"], n_clusters=s["kmeans_clusters"],
                 n_init=s["kmeans_trials"], max_fit_tiles=s["max_fit_tiles"], random_state=seed,
             )
-            dict_future = client.scatter(dictionary, broadcast=True)
-            scores, labels, context, partial = pipeline.validation_scores(
-                client, extractor, dict_future, val_units, s["kmeans_neighbors"],
-                s["max_fit_tiles"], seed,
-            )
-            self.threshold_ = threshold_from_scores(
-                scores, s["threshold_mode"], s["cdf"], s["zscore"], s["threshold"]
-            )
-            rule = (s["threshold_mode"], s["cdf"], s["zscore"])
-            if s["cluster_thresholds"]:
-                dictionary.offsets = group_offsets(
-                    scores, labels, len(dictionary.centroids), self.threshold_, *rule
-                )
-            if s["context_thresholds"]:
-                # Then tiles near no-data against validation tiles with as much no-data around.
-                levels = np.asarray(CONTEXT_LEVELS, dtype=np.float32)
-                classes = context_classes(context, partial, levels)
-                residual = scores if dictionary.offsets is None else scores - dictionary.offsets[labels]
-                offsets = group_offsets(residual, classes, 2 * len(levels) + 1, self.threshold_, *rule)
-                offsets[0] = 0.0
-                dictionary.context_levels, dictionary.context_offsets = levels, offsets
-            near_nodata = s["context_thresholds"] and partial.any()
-            if s["threshold_mode"] != "manual" and (s["cluster_thresholds"] or near_nodata):
-                # Tile quantiles do not carry over to pixel scores (means of many tiles):
-                # match the rates on validation pixels too.
-                self._fit_pixel_offsets(
-                    client, local_extractor, extractor, dictionary, val_units,
-                    _at_most(train_units, max(8, budget // 4), rng), s, near_nodata,
-                )
+            self._calibrate(client, local_extractor, extractor, dictionary, val_units, s)
         self.dictionary_ = dictionary
-        self.validation_scores_summary_ = {
-            "count": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()),
-            "max": float(scores.max()),
-        }
+        self.threshold_, self.false_alarm_rate_ = decision_rule(
+            s["threshold_mode"], s["false_alarm_rate"], s["cdf"], s["zscore"], s["threshold"]
+        )
+        self.calibration_summary_ = dictionary.calibration.summary()
         self.n_components_ = int(dictionary.pca_components.shape[0])
         self.fingerprint_ = None
         log.info(
-            "trained in %.1f s: %d PCA components, %d centroids, threshold %.4f (%s)",
+            "trained in %.1f s: %d PCA components, %d centroids, threshold %.3f (marks %.3g of normal pixels)",
             time.perf_counter() - t0, self.n_components_, len(dictionary.centroids),
-            self.threshold_, s["threshold_mode"],
+            self.threshold_, self.false_alarm_rate_,
         )
         return self
 
@@ -414,6 +364,156 @@ class AnomalyDetector:
                     f, n_bad, 100 * n_bad / mask.size, scores.max(), time.perf_counter() - t0,
                 )
         return results
+
+    def _pair_ground_truth(self, test: Any, ground_truth: Any, s: dict[str, Any]) -> list[tuple[Any, Any]]:
+        """(test image, ground-truth image) pairs: by position for arrays, by file stem
+        (``<stem>``, ``<stem>_mask`` or ``<stem>_gt``) for folders."""
+        images = self._collect(test, s)
+        if isinstance(ground_truth, (np.ndarray, list, tuple)):
+            truths = self._collect(ground_truth, s)
+            if len(truths) != len(images):
+                raise GroundTruthError(
+                    f"{len(images)} test image(s) but {len(truths)} ground-truth image(s); give one per test image"
+                )
+            return list(zip(images, truths))
+        truths = list_images(ground_truth, s["storage_options"])
+        if len(images) == 1 and len(truths) == 1:
+            return [(images[0], truths[0])]
+        by_stem: dict[str, str] = {}
+        for t in truths:
+            stem = os.path.splitext(os.path.basename(str(t)))[0]
+            for suffix in ("_mask", "_gt"):
+                if stem.endswith(suffix):
+                    by_stem.setdefault(stem[: -len(suffix)], t)
+            by_stem[stem] = t
+        pairs, missing = [], []
+        for im in images:
+            stem = os.path.splitext(os.path.basename(str(im)))[0]
+            if stem in by_stem:
+                pairs.append((im, by_stem[stem]))
+            else:
+                missing.append(str(im))
+        if missing:
+            raise GroundTruthError(
+                f"no ground truth in {ground_truth} for {len(missing)} test image(s), e.g. {missing[0]}: "
+                f"name each mask <stem>.png (or <stem>_mask.*, <stem>_gt.*) after its test image"
+            )
+        return pairs
+
+    def evaluate(
+        self,
+        test: Any,
+        ground_truth: Any,
+        output: str | None = None,
+        *,
+        overlays: bool = True,
+    ) -> dict[str, Any]:
+        """Score test images against pixel ground truth, chunk by chunk (memory stays flat).
+
+        Parameters
+        ----------
+        test : str, ndarray or list
+            Test images (folder, file, mosaic, array or a list of those), as for :meth:`test`.
+        ground_truth : str, ndarray or list
+            Binary masks (0 / any one positive value), one per test image: a folder whose
+            files are named after the test images (``<stem>.*``, ``<stem>_mask.*`` or
+            ``<stem>_gt.*``), one file for one test image, or arrays in the same order.
+        output : str, optional
+            Folder (local or fsspec URL) for the report: ``metrics.json``, ``roc.png``,
+            ``pro.png``, ``histogram.png`` and ``<stem>_gt_overlay.png`` per image.
+        overlays : bool
+            Write the per-image overlays (images over 2048 px a side are shown subsampled).
+
+        Returns
+        -------
+        dict
+            Overall and per-image (``images``) metrics: ``auroc``, ``aupro`` (to 30 % FPR),
+            ``f1`` at the model's threshold, ``best_f1``, ``normal_marked``, region counts
+            (``regions_hit``, ``regions_missed``, ``false_regions``, per megapixel and per
+            km^2 when georeferenced), plus ``false_alarm_rate`` (the model's promise) and
+            ``report`` (paths written) when ``output`` is given.
+
+        Raises
+        ------
+        GroundTruthError
+            Ground truth missing for a test image, of another size, not binary, or with no
+            anomalous pixel in any image; raised before any scoring where it can be seen
+            from the masks alone.
+        """
+        from .evaluation import MetricsAccumulator, read_ground_truth
+        from .report import write_report
+
+        self._check_fitted()
+        s = self._settings()
+        pairs = self._pair_ground_truth(test, ground_truth, s)
+        chunk = s["chunk_size"]
+        opened = []
+        any_anomalous = False
+        for image, truth in pairs:
+            source, grid = self._open(image, s)
+            gt_source = open_source(truth, s["storage_options"])
+            if (gt_source.height, gt_source.width) != (source.height, source.width):
+                raise GroundTruthError(
+                    f"ground truth {gt_source.name} is {gt_source.height}x{gt_source.width} px but its "
+                    f"test image {source.name} is {source.height}x{source.width}; give a mask of the image's size"
+                )
+            units = pipeline.plan_units(source, grid, chunk)
+            for u in units:  # masks are cheap to read: check them all before scoring
+                w = u.window
+                block = _gt_block(gt_source, w, read_ground_truth)
+                any_anomalous = any_anomalous or bool(block.any())
+            opened.append((source, gt_source, units))
+        if not any_anomalous:
+            raise GroundTruthError(
+                "the ground truth marks no anomalous pixel in any test image; AUROC and AUPRO need "
+                "some (masks use 0 for normal and one positive value, e.g. 255, for anomalous)"
+            )
+        pixel_area = None
+        georef = getattr(opened[0][0], "georef", None) if len(opened) == 1 else None
+        if georef and georef.get("transform"):
+            t = georef["transform"]
+            pixel_area = abs(t[1] * t[5] - t[2] * t[4]) or None
+        acc = MetricsAccumulator(self.threshold_, lo=0.0, hi=20.0, bins=8192, pixel_area_m2=pixel_area)
+        pictures = []
+        with pipeline.local_client(s["client"]) as client:
+            extractor = client.scatter(self._extractor(s), broadcast=True)
+            dictionary = client.scatter(self.dictionary_, broadcast=True)
+            for source, gt_source, units in opened:
+                name = os.path.splitext(os.path.basename(source.name))[0] or source.name
+                step = max(1, -(-max(source.height, source.width) // 2048))
+                small = (
+                    [np.zeros((-(-source.height // step), -(-source.width // step), 3), np.uint8),
+                     np.zeros((-(-source.height // step), -(-source.width // step)), bool),
+                     np.zeros((-(-source.height // step), -(-source.width // step)), bool)]
+                    if overlays and output is not None else None
+                )
+                for unit, scores in pipeline.score_blocks(client, extractor, dictionary, units, s["kmeans_neighbors"]):
+                    w = unit.window
+                    gt = _gt_block(gt_source, w, read_ground_truth)
+                    acc.add(scores, gt, image=name, offset=(w.y0, w.x0), shape=(source.height, source.width))
+                    if small is not None:
+                        at = (slice((-w.y0) % step, None, step), slice((-w.x0) % step, None, step))
+                        ys, xs = -(-w.y0 // step), -(-w.x0 // step)
+                        rgb = display_rgb(to_unit_rgb(source.read(w.y0, w.y1, w.x0, w.x1), self.intensity_))[at]
+                        box = (slice(ys, ys + rgb.shape[0]), slice(xs, xs + rgb.shape[1]))
+                        small[0][box] = rgb
+                        small[1][box] = gt[at]
+                        small[2][box] = np.nan_to_num(scores[at], nan=-np.inf) >= self.threshold_
+                if small is not None:
+                    pictures.append((name, small[0], small[1], small[2]))
+        result = acc.result()
+        result["false_alarm_rate"] = self.false_alarm_rate_
+        result["threshold"] = self.threshold_
+        if output is not None:
+            result["report"] = write_report(
+                {**result, "histograms": acc.histograms()}, str(output), pictures or None, s["storage_options"]
+            )
+        log.info(
+            "evaluated %d image(s): AUROC %.4f, AUPRO %s, F1 %.3f, normal pixels marked %.4f (promised %.3g)",
+            len(opened), result["auroc"] or float("nan"), result["aupro"], result["f1"] or 0.0,
+            result["normal_marked"] or 0.0, self.false_alarm_rate_,
+        )
+        return result
 
     def _content_fingerprint(self) -> str:
         """sha256 of the model's content (as :meth:`save` would record it)."""
@@ -585,6 +685,7 @@ class AnomalyDetector:
         return {
             "params": saved_params(s),
             "threshold": self.threshold_,
+            "false_alarm_rate": self.false_alarm_rate_,
             "intensity": {
                 "low": self.intensity_.low, "high": self.intensity_.high,
                 "gray": self.intensity_.gray, "fill": self.intensity_.fill,
@@ -656,8 +757,17 @@ class AnomalyDetector:
             bb["name"], state, tuple(bb["layers"]), dense_only=params["features"] == "dense"
         )
         d = {k[len("dictionary."):]: v for k, v in tensors.items() if k.startswith("dictionary.")}
-        det.dictionary_ = Dictionary(**d)
+        det.dictionary_ = Dictionary.from_arrays(d)
         det.threshold_ = float(config["threshold"])
+        det.false_alarm_rate_ = float(config["false_alarm_rate"])
+        rule = ("threshold_mode", "false_alarm_rate", "cdf", "zscore", "threshold", "auto_threshold")
+        if any(k in overrides for k in rule):
+            # scores are calibrated: a new rule needs no retraining
+            s = det._settings()
+            det.threshold_, det.false_alarm_rate_ = decision_rule(
+                s["threshold_mode"], s["false_alarm_rate"], s["cdf"], s["zscore"], s["threshold"]
+            )
+        det.calibration_summary_ = det.dictionary_.calibration.summary()
         det.intensity_ = Intensity(**config["intensity"])
         det.weights_id_ = bb["weights_id"]
         det.random_state_ = config["random_state"]
@@ -671,6 +781,17 @@ def _at_most(units: list[pipeline.Unit], n: int, rng: np.random.Generator) -> li
     if len(units) <= n:
         return units
     return [units[i] for i in np.sort(rng.choice(len(units), n, replace=False))]
+
+
+def _gt_block(gt_source: ImageSource, w: Any, check: Any) -> np.ndarray:
+    """The ground-truth window ``w`` as bool (a colour mask counts where any band is set)."""
+    block = np.asarray(gt_source.read(w.y0, w.y1, w.x0, w.x1))
+    if block.ndim == 3:
+        block = block.max(axis=-1)
+    try:
+        return check(block)
+    except GroundTruthError as err:
+        raise GroundTruthError(f"{gt_source.name}: {err}") from None
 
 
 def _has_dist() -> bool:

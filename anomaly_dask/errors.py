@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "AnomalyDaskError",
+    "GroundTruthError",
     "ImageReadError",
     "InputNotFoundError",
     "ModelFileError",
@@ -44,3 +45,7 @@ class WeightsNotFoundError(AnomalyDaskError, FileNotFoundError):
 
 class NotFittedError(AnomalyDaskError, RuntimeError):
     """A detector was used for scoring before ``train`` or ``load``."""
+
+
+class GroundTruthError(AnomalyDaskError, ValueError):
+    """Ground truth is unusable: missing, wrong shape, not binary, or without any anomalous pixel."""

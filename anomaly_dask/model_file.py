@@ -1,10 +1,12 @@
 """The model file: one safetensors file of arrays plus JSON metadata, hashed, never pickled.
 
-Layout: safetensors tensors ``dictionary.<name>`` (PCA, scaler, centroids) and
+Layout: safetensors tensors ``dictionary.<name>`` (PCA, scaler, centroids, and
+``dictionary.calibration.<name>``, the calibration curves) and
 ``backbone.<name>`` (the backbone layers used), and ``__metadata__`` strings:
 
 ``format``          ``"anomaly_dask.model"``
-``format_version``  integer as text; files newer than :data:`FORMAT_VERSION` are refused
+``format_version``  integer as text; files of another version than :data:`FORMAT_VERSION`
+                    are refused, naming the version
 ``config``          JSON: parameters, threshold, intensity map, backbone and weights id
 ``fingerprint``     sha256 over ``config`` and every tensor's name, dtype, shape and bytes
 
@@ -30,7 +32,13 @@ from .errors import ModelFileError
 __all__ = ["FORMAT", "FORMAT_VERSION", "fingerprint", "read_model", "write_model"]
 
 FORMAT = "anomaly_dask.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+#: What changed at each format version, for the message that refuses an older file.
+_OLDER = {
+    1: "uncalibrated scores with per-cluster and near-no-data threshold offsets "
+    "(cluster_thresholds / context_thresholds), replaced by calibrated pixel scores in version 2",
+}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -140,8 +148,13 @@ def read_model(
             f"{url}: model format version {version} is newer than this anomaly_dask reads "
             f"({FORMAT_VERSION}); upgrade anomaly_dask"
         )
-    if version < 1:
-        raise ModelFileError(f"{url}: model format version {version} is not supported")
+    if version < FORMAT_VERSION:
+        what = _OLDER.get(version, "an unsupported layout")
+        raise ModelFileError(
+            f"{url}: model format version {version} ({what}) is no longer read by this "
+            f"anomaly_dask (version {FORMAT_VERSION}); retrain the model with `anomaly-dask train` "
+            f"or AnomalyDetector().train()"
+        )
     try:
         tensors = st_load(data)
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types

@@ -6,6 +6,7 @@ from numbers import Integral, Real
 from typing import Any
 
 from .backbones import BACKBONES
+from .calibration import GROUPINGS
 from .errors import ParameterError
 
 __all__ = ["DEFAULTS", "validate"]
@@ -26,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "kmeans_trials": 10,
     "kmeans_random": None,
     "kmeans_neighbors": 1,
-    "threshold_mode": "cdf",
+    "threshold_mode": None,
     "cdf": 0.95,
     "zscore": 1.645,
     "threshold": None,
@@ -36,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "verbose": 1,
     "val_fraction": 0.2,
     # --- anomaly_dask's own ---
+    "false_alarm_rate": 1e-3,
+    "calibration_groups": "centroid",
     "features": "dense",
     "backbone": "efficientnet_lite0",
     "weights": "imagenet",
@@ -46,8 +49,6 @@ DEFAULTS: dict[str, Any] = {
     "max_fit_tiles": 100_000,
     "max_train_chunks": 256,
     "nodata": None,
-    "cluster_thresholds": True,
-    "context_thresholds": True,
     "random_state": None,
     "client": None,
     "storage_options": None,
@@ -116,7 +117,10 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
     out["kmeans_clusters"] = _int("kmeans_clusters", p["kmeans_clusters"])
     out["kmeans_trials"] = _int("kmeans_trials", p["kmeans_trials"])
     out["kmeans_neighbors"] = _int("kmeans_neighbors", p["kmeans_neighbors"], 1, out["kmeans_clusters"])
-    out["threshold_mode"] = _choice("threshold_mode", p["threshold_mode"], ["cdf", "zscore", "manual"])
+    if p["threshold_mode"] is not None:
+        out["threshold_mode"] = _choice("threshold_mode", p["threshold_mode"], ["cdf", "zscore", "manual"])
+    out["false_alarm_rate"] = _real("false_alarm_rate", p["false_alarm_rate"], 0.0, 1.0, True, True)
+    out["calibration_groups"] = _choice("calibration_groups", p["calibration_groups"], list(GROUPINGS))
     out["cdf"] = _real("cdf", p["cdf"], 0.0, 1.0, False, False)
     out["zscore"] = _real("zscore", p["zscore"], float("-inf"), float("inf"), True, True)
     if p["threshold"] is not None:
@@ -125,7 +129,8 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
         out["threshold_mode"] = "manual"
     if out["threshold_mode"] == "manual" and out["threshold"] is None:
         raise ParameterError(
-            "threshold_mode='manual' (or auto_threshold=False) needs threshold=<score value>"
+            "threshold_mode='manual' (or auto_threshold=False) needs threshold=<calibrated score>, "
+            "e.g. threshold=3 marks pixels scoring like 1 normal pixel in 1000"
         )
     color = p["overlay_color"]
     if (
@@ -161,8 +166,6 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
     out["max_train_chunks"] = _int("max_train_chunks", p["max_train_chunks"], 1)
     if p["nodata"] is not None:
         out["nodata"] = _real("nodata", p["nodata"], float("-inf"), float("inf"), False, False) if p["nodata"] == p["nodata"] else float("nan")
-    out["cluster_thresholds"] = bool(p["cluster_thresholds"])
-    out["context_thresholds"] = bool(p["context_thresholds"])
     seed = p["random_state"] if p["random_state"] is not None else p["kmeans_random"]
     out["random_state"] = None if seed is None else _int("random_state", seed, 0)
     out["kmeans_random"] = out["random_state"]

@@ -4,7 +4,7 @@ Work is cut into *units*: one chunk (a :class:`~anomaly_dask.grid.Window`) of on
 Each task receives the small picklable image source, the chunk and a future of the model
 (backbone + dictionary), which Dask moves to each worker once; it reads its window plus
 halo, runs the backbone and returns only what the caller needs (a feature sample, projected
-features, tile scores or pixel scores of its chunk).
+features or pixel scores of its chunk).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .dictionary import DISTANCE_EDGES, Dictionary, distance_classes, fit_projection, init_kmeans
+from .calibration import DISTANCE_EDGES
+from .dictionary import Dictionary, fit_projection, init_kmeans
 from .features import FeatureConfig, tile_features
 from .grid import (
     TileGrid,
@@ -44,9 +45,10 @@ __all__ = [
     "Unit",
     "local_client",
     "plan_units",
+    "sample_pixel_scores",
     "score_array",
+    "score_blocks",
     "train_dictionary",
-    "validation_scores",
 ]
 
 log = logging.getLogger("anomaly_dask")
@@ -155,19 +157,15 @@ class Extractor:
 
     def distance_edges(self, grid: TileGrid) -> np.ndarray:
         """Boundaries of the distance classes of a chunk's pixels (see
-        :func:`~anomaly_dask.dictionary.distance_classes`), pixels: :data:`DISTANCE_EDGES`
+        :func:`~anomaly_dask.calibration.distance_classes`), pixels: :data:`DISTANCE_EDGES`
         tiles, less those farther than every window read for a chunk reaches past it."""
         reach = self.edge_reach(grid) + self.config.halo(self.backbone) + 2 * self.mirror
         tile = min(grid.tile_h, grid.tile_w)
         return np.asarray([e * tile for e in DISTANCE_EDGES if e * tile <= reach], dtype=np.float32)
 
-    def context_margin(self, grid: TileGrid) -> int:
-        """Pixels around a tile counted in its context share (see :meth:`features`)."""
-        return min(grid.tile_h, grid.tile_w, self.config.halo(self.backbone))
-
     def features(
         self, unit: Unit, rows: tuple[int, int], cols: tuple[int, int]
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray, tuple[int, int]]:
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, tuple[int, int]]:
         """Features of tiles ``rows x cols`` of the unit's image.
 
         Returns
@@ -175,10 +173,6 @@ class Extractor:
         features : ndarray (r, c, D)
         valid_fraction : ndarray (r, c) or None
             Share of valid pixels per tile; None when the window holds no no-data.
-        context : ndarray (r, c) or None
-            Share of valid pixels in each tile grown by :meth:`context_margin` on every
-            side (what the backbone saw of the no-data fill); None when the window holds
-            no no-data.
         raw : ndarray (h, w, channels)
             The raw window read: the tiles plus the backbone's halo, plus ``2 * mirror``
             pixels for the no-data fill.
@@ -192,7 +186,7 @@ class Extractor:
         crop = (slice(m, m + y1 - y0), slice(m, m + x1 - x0))
         raw = wide[crop]
         wide_valid = valid_pixels(wide, self.nodata if self.nodata is not None else unit.source.nodata)
-        fraction = context = None
+        fraction = None
         if wide_valid is None:
             pixels = to_unit_rgb(raw, self.intensity)
         else:
@@ -200,42 +194,40 @@ class Extractor:
             pixels = to_unit_rgb(wide, self.intensity, wide_valid, self.mirror)[crop]
             valid = wide_valid[crop]
             fraction = tile_fractions(valid, offset, n, unit.grid)
-            context = tile_fractions(valid, offset, n, unit.grid, self.context_margin(unit.grid))
         feats = tile_features(self.backbone, self.config, pixels, offset, n, unit.grid)
-        return feats, fraction, context, wide, (y0 - m, x0 - m)
+        return feats, fraction, wide, (y0 - m, x0 - m)
 
-    def owned(self, unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Features (n, D), context shares (n,) and valid shares (n,) of the tiles a unit
-        owns, less those mostly in no-data."""
-        f, fraction, context, _, _ = self.features(unit, unit.window.own_rows, unit.window.own_cols)
+    def owned(self, unit: Unit) -> np.ndarray:
+        """Features (n, D) of the tiles a unit owns, less those mostly in no-data."""
+        f, fraction, _, _ = self.features(unit, unit.window.own_rows, unit.window.own_cols)
         f = f.reshape(-1, f.shape[-1])
         if fraction is None:
-            ones = np.ones(len(f), dtype=np.float32)
-            return f, ones, ones
-        keep = fraction.ravel() >= self.min_valid
-        return f[keep], context.ravel()[keep], fraction.ravel()[keep]
+            return f
+        return f[fraction.ravel() >= self.min_valid]
 
     def pixel_scores(
-        self, unit: Unit, dictionary: Dictionary, n_neighbors: int
+        self, unit: Unit, dictionary: Dictionary, n_neighbors: int, calibrated: bool = True
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
         """Pixel scores of a unit's chunk (NaN on no-data), its raw pixels, each pixel's
         distance to no-data and nearest centroid.
 
-        Where the window holds no-data, a valid pixel takes the mean score of the tiles
-        wholly on data that cover it; a pixel no such tile covers (within a stride or so of
-        no-data) takes the mean of the covered pixels within :meth:`edge_reach` of it, so
-        that tiles partly filled in are not what judges it; only where there are none
-        (slivers of data) do tiles mostly on data count. Then each pixel's offsets are
-        subtracted where the dictionary has them: ``pixel_offsets`` by its label, then
-        ``distance_offsets`` by its distance class.
+        A pixel's raw score is the mean score of the tiles covering it. Where the window
+        holds no-data, a valid pixel takes the mean score of the tiles wholly on data that
+        cover it; a pixel no such tile covers (within a stride or so of no-data) takes the
+        mean of the covered pixels within :meth:`edge_reach` of it, so that tiles partly
+        filled in are not what judges it; only where there are none (slivers of data) do
+        tiles mostly on data count. With ``calibrated`` and a calibrated dictionary, raw
+        scores are then mapped through the dictionary's calibration (see
+        :mod:`anomaly_dask.calibration`) by each pixel's nearest centroid and distance to
+        no-data.
 
         Returns
         -------
         scores : ndarray of float32 (h, w)
         raw : ndarray (h, w, channels)
         distance : ndarray of float32 (h, w) or None
-            Distance to the nearest no-data pixel, capped at the largest of
-            :meth:`distance_edges`; None when there is none that near.
+            Distance to the nearest no-data pixel, capped at the largest distance class
+            boundary; None when there is none that near.
         labels : ndarray of int (h, w)
             Nearest centroid of the tile centred nearest each pixel.
         """
@@ -244,18 +236,19 @@ class Extractor:
         reach = self.edge_reach(g)
         ext = (max(0, w.y0 - reach), min(g.height, w.y1 + reach), max(0, w.x0 - reach), min(g.width, w.x1 + reach))
         rows, cols = tiles_covering(g, ext)
-        f, fraction, context, raw, (oy, ox) = self.features(unit, rows, cols)
+        f, fraction, raw, (oy, ox) = self.features(unit, rows, cols)
         chunk_raw = raw[w.y0 - oy : w.y1 - oy, w.x0 - ox : w.x1 - ox]
-        full = None if fraction is None else fraction >= 1.0
-        tiles, tile_labels = dictionary.score_with_labels(f, n_neighbors, context, None if full is None else ~full)
+        tiles, tile_labels = dictionary.score_and_label(f, n_neighbors)
         iy = nearest_tiles(w.y0, w.y1, g.stride_h, g.tile_h, g.n_rows) - rows[0]
         ix = nearest_tiles(w.x0, w.x1, g.stride_w, g.tile_w, g.n_cols) - cols[0]
         labels = tile_labels[np.ix_(iy, ix)]
+        calibration = dictionary.calibration if calibrated else None
         if fraction is None:
             scores = pixel_scores_from_tiles(tiles, g, (rows[0], cols[0]), (w.y0, w.y1, w.x0, w.x1))
-            if dictionary.pixel_offsets is not None:
-                scores -= dictionary.pixel_offsets[labels]
+            if calibration is not None:
+                scores = calibration.apply(scores, labels, None)
             return scores, chunk_raw, None, labels
+        full = fraction >= 1.0
         origin = (rows[0], cols[0])
         on_data = pixel_scores_from_tiles(tiles, g, origin, ext, full.astype(np.float64))
         covered = pixel_scores_from_tiles(full.astype(np.float32), g, origin, ext) > 0
@@ -273,13 +266,11 @@ class Extractor:
             ),
         ).astype(np.float32)
         wide_valid = valid_pixels(raw, self.nodata if self.nodata is not None else unit.source.nodata)
-        edges = self.distance_edges(g) if dictionary.distance_edges is None else dictionary.distance_edges
+        edges = self.distance_edges(g) if dictionary.calibration is None else dictionary.calibration.distance_edges
         box = (w.y0 - oy, w.y1 - oy, w.x0 - ox, w.x1 - ox)
         distance = nodata_distance(wide_valid, box, float(edges[0])) if len(edges) else None
-        if dictionary.pixel_offsets is not None:
-            scores -= dictionary.pixel_offsets[labels]
-        if distance is not None and dictionary.distance_offsets is not None:
-            scores -= dictionary.distance_offsets[distance_classes(distance, edges)]
+        if calibration is not None:
+            scores = calibration.apply(scores, labels, distance)
         scores[~wide_valid[box[0] : box[1], box[2] : box[3]]] = np.nan
         return scores, chunk_raw, distance, labels
 
@@ -291,26 +282,18 @@ def _subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def _sample_task(extractor: Extractor, unit: Unit, n: int, seed: int) -> np.ndarray:
-    return _subsample(extractor.owned(unit)[0], n, seed)
+    return _subsample(extractor.owned(unit), n, seed)
 
 
 def _project_task(extractor: Extractor, dictionary: Dictionary, unit: Unit, seed: int) -> np.ndarray:
-    z = dictionary.transform(extractor.owned(unit)[0])
+    z = dictionary.transform(extractor.owned(unit))
     return z[np.random.default_rng(seed).permutation(len(z))]
-
-
-def _tile_score_task(
-    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, n: int, seed: int
-) -> np.ndarray:
-    features, context, fraction = extractor.owned(unit)
-    scores, labels = dictionary.score_and_label(features, n_neighbors)
-    return _subsample(np.stack([scores, labels.astype(np.float32), context, fraction], axis=1), n, seed)
 
 
 def _pixel_sample_task(
     extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, step: int
 ) -> np.ndarray:
-    scores, _, distance, labels = extractor.pixel_scores(unit, dictionary, n_neighbors)
+    scores, _, distance, labels = extractor.pixel_scores(unit, dictionary, n_neighbors, calibrated=False)
     w = unit.window
     at = (slice((-w.y0) % step, None, step), slice((-w.x0) % step, None, step))  # image-wide lattice
     scores, labels = scores[at], labels[at]
@@ -491,7 +474,7 @@ def train_dictionary(
 def sample_pixel_scores(
     client: Any, extractor: Any, dictionary: Any, units: list[Unit], n_neighbors: int, step: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The units' valid pixel scores on a lattice of every ``step``-th row and column.
+    """The units' valid raw pixel scores on a lattice of every ``step``-th row and column.
 
     Returns
     -------
@@ -507,35 +490,13 @@ def sample_pixel_scores(
     return both[:, 0], both[:, 1], both[:, 2].astype(np.int64)
 
 
-def validation_scores(
-    client: Any,
-    extractor: Any,
-    dictionary: Any,
-    units: list[Unit],
-    n_neighbors: int,
-    max_scores: int,
-    random_state: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Raw tile scores of the validation units (each tile once), at most about ``max_scores``.
-
-    Returns
-    -------
-    scores : ndarray of float32
-    labels : ndarray of int
-        Each tile's nearest centroid.
-    context : ndarray of float32
-        Each tile's context share (see :meth:`Extractor.features`).
-    partial : ndarray of bool
-        Tiles partly in no-data.
-    """
-    rng = np.random.default_rng(random_state)
-    per_unit = max(1000, max_scores // max(1, len(units)))
-    jobs = [
-        (extractor, dictionary, u, n_neighbors, per_unit, int(rng.integers(0, 2**31))) for u in units
-    ]
-    both = np.concatenate(list(_stream(client, _tile_score_task, jobs, _in_flight(client), ordered=True)))
-    scores, labels, context = both[:, 0], both[:, 1].astype(np.int64), both[:, 2]
-    return scores, labels, context, both[:, 3] < 1.0
+def score_blocks(
+    client: Any, extractor: Any, dictionary: Any, units: list[Unit], n_neighbors: int
+) -> Iterator[tuple[Unit, np.ndarray]]:
+    """Pixel scores of each unit, yielded in unit order with a bounded number in flight
+    (so a whole mosaic is never held at once)."""
+    jobs = [(extractor, dictionary, u, n_neighbors) for u in units]
+    yield from zip(units, _stream(client, _pixel_score_task, jobs, _in_flight(client), ordered=True))
 
 
 def score_array(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from anomaly_dask import AnomalyDetector
+from anomaly_dask.calibration import fit_calibration
 
 from .conftest import FAST, texture
 
@@ -48,13 +49,21 @@ def _with_nodata(image: np.ndarray, seed: int) -> np.ndarray:
 
 
 def test_chunked_equals_unchunked_near_nodata():
-    """Edge handling (context classes, scores borrowed from covered pixels, offsets by
-    distance to no-data) is chunk-free."""
+    """Edge handling (scores borrowed from covered pixels, calibration groups by distance
+    to no-data) is chunk-free."""
     train = [_with_nodata(texture(220, 240, 1), 1), _with_nodata(texture(200, 200, 2), 2)]
     ad = AnomalyDetector(**FAST).train(train[0], train[1])
-    # pixel offsets by distance to no-data, whatever validation gave (too few pixels here)
-    edges = ad.dictionary_.distance_edges
-    ad.dictionary_.distance_offsets = np.linspace(0.0, 0.5, len(edges) + 1)
+    # a calibration group per distance class, whatever validation gave (too few pixels here)
+    cal = ad.dictionary_.calibration
+    assert len(cal.distance_edges)
+    rng = np.random.default_rng(0)
+    n = 40_000
+    classes = np.arange(n) % (len(cal.distance_edges) + 1)
+    k = len(ad.dictionary_.centroids)
+    labels = rng.integers(0, k, n)
+    raw = rng.gamma(2.0, 1.0 + classes + labels / k, n) * float(cal.knots[0, -1]) / 10
+    ad.dictionary_.calibration = fit_calibration(raw, labels, classes, k, cal.distance_edges, min_samples=600)
+    assert ad.dictionary_.calibration.n_groups > len(cal.distance_edges) + 2  # centroid groups too
     image = _with_nodata(texture(203, 157, 3), 3)
     ad.chunk_size = 10_000
     whole = ad.score_image(image)

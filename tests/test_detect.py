@@ -64,99 +64,34 @@ def test_store_contents_and_nodata(sonar, tmp_path):
     assert (tmp_path / "out.zarr" / "quicklook.png").exists()
 
 
-def test_tiles_near_nodata_are_judged_against_their_own_kind(sonar, tmp_path):
-    """Context and distance offsets lower scores only near no-data, and mark fewer
-    swath-edge pixels."""
+def test_pixels_near_nodata_are_calibrated_against_their_own_kind(sonar, tmp_path):
+    """Calibration groups by distance to no-data: on the validation mosaic, pixels near
+    swath edges are marked about as often as interior ones, where one pooled calibration
+    marks them far more often."""
     from scipy.ndimage import distance_transform_edt
 
-    scene = sonar["scene"]
-    # pretrained features and enough validation tiles near no-data (100 per context class)
     for name, seed in (("train", 11), ("val", 12)):
         write_tiff(str(tmp_path / f"{name}.tif"), SonarScene(1024, 1024, seed=seed, n_objects=0))
-    kw = {**FAST, "weights": "imagenet", "kmeans_clusters": 16, "chunk_size": 512}
-    ad, plain = (
-        AnomalyDetector(**kw, context_thresholds=c).train(str(tmp_path / "train.tif"), str(tmp_path / "val.tif"))
-        for c in (True, False)
+    kw = {**FAST, "weights": "imagenet", "kmeans_clusters": 16, "chunk_size": 512, "false_alarm_rate": 0.01}
+    ad, pooled = (
+        AnomalyDetector(**kw, calibration_groups=g).train(str(tmp_path / "train.tif"), str(tmp_path / "val.tif"))
+        for g in ("distance", "global")
     )
-    d = ad.dictionary_
-    assert d.context_offsets[0] == 0 and (d.context_offsets >= 0).all() and d.context_offsets.max() > 0
-    assert d.distance_edges.tolist() == [128, 64, 32, 16, 8]
-    assert d.distance_offsets[0] == 0 and (d.distance_offsets >= 0).all() and d.distance_offsets.max() > 0
-    assert d.pixel_offsets is not None and (d.pixel_offsets >= 0).all()
-    assert plain.dictionary_.context_offsets is None and plain.dictionary_.distance_offsets is None
-    assert plain.threshold_ == ad.threshold_
-    with_ctx, without = ad.score_image(sonar["test"]), plain.score_image(sonar["test"])
-    valid = scene.valid(0, scene.height, 0, scene.width)
+    cal = ad.dictionary_.calibration
+    assert cal.distance_edges.tolist() == [128, 64, 32, 16, 8]
+    assert cal.n_groups > 2 and pooled.dictionary_.calibration.n_groups == 1
+    scene = SonarScene(1024, 1024, seed=12, n_objects=0)
+    valid = scene.valid(0, 1024, 0, 1024)
     dist = distance_transform_edt(valid)
-    far = dist > 128  # no tile covering these pixels sees no-data, and they are interior
-    assert far.any()
-    np.testing.assert_allclose(with_ctx[far], without[far], rtol=1e-5)
-    assert (with_ctx[valid] <= without[valid] + 1e-4).all()
-    edge = valid & (dist <= 32) & ~scene.truth(0, scene.height, 0, scene.width)
-    marked = lambda s: (s[edge] >= ad.threshold_).mean()  # noqa: E731
-    assert marked(with_ctx) < marked(without)
-    # on the validation mosaic itself (calibrated on every 4th pixel), edges are marked at
-    # about the interior rate
-    val_scene = SonarScene(1024, 1024, seed=12, n_objects=0)
-    val_valid = val_scene.valid(0, 1024, 0, 1024)
-    val_dist = distance_transform_edt(val_valid)
-    rate = lambda s, sel: (s[sel] >= ad.threshold_).mean()  # noqa: E731
-    near, inside = val_valid & (val_dist <= 32), val_dist >= 128
-    val_with, val_without = (m.score_image(str(tmp_path / "val.tif")) for m in (ad, plain))
+    near, inside = valid & (dist <= 32), dist >= 128
+    rate = lambda s, sel: float((s[sel] >= ad.threshold_).mean())  # noqa: E731
+    grouped, plain = (m.score_image(str(tmp_path / "val.tif")) for m in (ad, pooled))
     print(
-        f"validation mosaic: marked {rate(val_with, near):.4f} within 32 px of no-data "
-        f"({rate(val_without, near):.4f} without context offsets), {rate(val_with, inside):.4f} beyond 128 px"
+        f"validation mosaic: marked {rate(grouped, near):.4f} within 32 px of no-data "
+        f"({rate(plain, near):.4f} pooled), {rate(grouped, inside):.4f} beyond 128 px"
     )
-    assert rate(val_with, near) <= max(1.25 * rate(val_with, inside), 0.005)
-    assert rate(val_with, near) < rate(val_without, near) / 2
-
-
-def test_centroid_pixel_offsets_take_the_larger_of_validation_and_training(sonar, monkeypatch):
-    """Training pixels set offsets for groups validation lacks or under-samples, and never
-    lower what validation asks for; distance offsets come from validation alone."""
-    import copy
-
-    from anomaly_dask import pipeline
-
-    ad = copy.deepcopy(sonar["model"])
-    s = ad._settings()
-    d, thr = ad.dictionary_, ad.threshold_
-    d.pixel_offsets = d.distance_offsets = d.distance_edges = None
-    k = len(d.centroids)
-    rng = np.random.default_rng(0)
-    # validation: every group but 3; group 0 has its top 30 % 1.0 to 1.5 above the threshold
-    val_labels = np.repeat([g for g in range(k) if g != 3], 1000)
-    val_scores = thr - 1.0 - rng.random(len(val_labels))
-    top = (val_labels == 0) & (rng.random(len(val_labels)) < 0.3)
-    val_scores[top] = thr + 1.0 + 0.5 * rng.random(top.sum())
-    # training: group 3 (unseen in validation) high, group 0 low, group 1 a little high
-    train_labels = np.repeat([3, 0, 1], 1000)
-    train_scores = np.r_[thr + 2.0 + rng.random(1000), thr - 2.0 - rng.random(1000), thr + 0.1 + 0.1 * rng.random(1000)]
-    src, grid = ad._open(sonar["test"], s)
-    units = pipeline.plan_units(src, grid, s["chunk_size"])
-    val_units, train_units = units[:3], units[3:6]
-
-    def fake(client, extractor, dictionary, units, n_neighbors, step):
-        scores, labels = (val_scores, val_labels) if units is val_units else (train_scores, train_labels)
-        return scores.astype(np.float32), np.full(len(scores), np.inf, np.float32), labels
-
-    class Client:
-        def scatter(self, x, broadcast=False):
-            return x
-
-    monkeypatch.setattr(pipeline, "sample_pixel_scores", fake)
-    extractor = ad._extractor(s)
-    ad._fit_pixel_offsets(Client(), extractor, extractor, d, val_units, train_units, s, near_nodata=True)
-    below = float(np.mean(val_scores < thr))
-    expect = np.zeros(k, np.float32)
-    expect[0] = np.quantile(val_scores[val_labels == 0], below) - thr  # validation's, not lowered
-    expect[3] = np.quantile(train_scores[:1000], below) - thr  # set by training alone
-    expect[1] = np.quantile(train_scores[2000:], below) - thr  # raised by training
-    np.testing.assert_allclose(d.pixel_offsets, expect, rtol=1e-5, atol=1e-6)
-    assert expect[0] > 1.0 and expect[3] > 2.0 and 0.1 < expect[1] < 0.2
-    # every distance sample was interior (inf), so no distance class gets an offset
-    assert d.distance_offsets is not None and (d.distance_offsets == 0).all()
-
+    assert rate(grouped, near) <= 2 * 0.01 and rate(grouped, inside) <= 2 * 0.01
+    assert rate(plain, near) > 2 * rate(grouped, near)
 
 def test_other_model_into_same_store_is_refused(sonar, tmp_path):
     out = str(tmp_path / "out.zarr")

@@ -71,15 +71,23 @@ def test_single_training_image_is_split_by_regions():
     assert np.isfinite(ad.threshold_)
 
 
-def test_threshold_modes(small_folder):
+def test_threshold_modes_are_false_alarm_rates_on_calibrated_scores(small_folder):
     train, val = str(small_folder / "train"), str(small_folder / "val")
     z = AnomalyDetector(**{**FAST, "threshold_mode": "zscore", "zscore": 2.0}).train(train, val)
-    c = AnomalyDetector(**{**FAST, "cdf": 0.5}).train(train, val)
+    c = AnomalyDetector(**{**FAST, "threshold_mode": "cdf", "cdf": 0.5}).train(train, val)
     m = AnomalyDetector(**{**FAST, "threshold_mode": "manual", "threshold": 3.5}).train(train, val)
-    summary = z.validation_scores_summary_
-    assert z.threshold_ == pytest.approx(summary["mean"] + 2.0 * summary["std"], rel=1e-6)
-    assert c.threshold_ < z.threshold_
-    assert m.threshold_ == 3.5
+    r = AnomalyDetector(**{**FAST, "false_alarm_rate": 0.02}).train(train, val)
+    assert z.false_alarm_rate_ == pytest.approx(0.02275, abs=1e-4)  # Gaussian tail beyond 2
+    assert c.threshold_ == pytest.approx(np.log10(2)) and c.false_alarm_rate_ == pytest.approx(0.5)
+    assert m.threshold_ == 3.5 and m.false_alarm_rate_ == pytest.approx(10**-3.5)
+    assert r.threshold_ == pytest.approx(-np.log10(0.02))
+    # the same calibrated scores whatever the rule: the rule only moves the threshold
+    image = str(small_folder / "val" / "val0.png")
+    np.testing.assert_array_equal(z.score_image(image), r.score_image(image))
+    # on the validation image itself, the share marked follows the rate
+    scores = r.score_image(image)
+    assert (scores >= c.threshold_).mean() == pytest.approx(0.5, abs=0.05)
+    assert (scores >= r.threshold_).mean() == pytest.approx(0.02, abs=0.01)
 
 
 def test_weights_from_a_state_dict_file(tmp_path):

@@ -1,0 +1,358 @@
+"""Calibration of pixel scores: group-conditional split-conformal p-values on normal pixels.
+
+A raw pixel score (the mean distance of the tiles covering a pixel to their nearest
+centroids) means different things in different places: tiles of rare or varied normal
+appearance (a sonar nadir band, a swath edge, a coarse sediment) lie far from every
+centroid, and spatially clustered high tiles push many neighbouring pixels over any one
+threshold. One raw threshold therefore marks such places far more often than the rest.
+
+Calibration turns every raw score into the same currency: the share of held-out normal
+pixels *of the same group* that score at least as high (a split-conformal p-value),
+published as ``-log10(p)``. A pixel at calibrated score 3 is as unusual as one normal
+pixel in a thousand of its kind, whatever its kind, so one threshold
+(``-log10(false_alarm_rate)``) marks about that share of normal pixels everywhere.
+
+Groups (Mondrian conformal prediction) are the pixel's distance class to no-data
+(:data:`DISTANCE_EDGES`) and, within it, the nearest centroid of the tile centred nearest
+it. A pixel's calibrated score is the smaller of its class's value and its centroid
+group's: the centroid group relieves rare, varied normal appearance but never marks more
+than the class would (see :meth:`Calibration.apply`). A group with fewer than
+``min_samples`` calibration pixels falls back to its distance class, and a distance class
+with too few to the pooled sample. Within a group, scores up
+to the top ``tail`` samples follow the empirical conformal p-value; beyond them the
+survival decays exponentially (peaks over a threshold with an exponential excess
+distribution, its scale the mean excess), so that scores stay ordered past the largest
+calibration sample instead of saturating at ``1 / (n + 1)``.
+
+Pure numpy: no IO, no Dask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import erfc, log, sqrt
+
+import numpy as np
+
+from .errors import ParameterError
+
+__all__ = [
+    "DISTANCE_EDGES",
+    "GROUPINGS",
+    "Calibration",
+    "decision_rule",
+    "distance_classes",
+    "fit_calibration",
+    "threshold_for_rate",
+]
+
+#: Boundaries of the distance classes of pixels near no-data, in tiles (see
+#: :func:`distance_classes`).
+DISTANCE_EDGES = (4.0, 2.0, 1.0, 0.5, 0.25)
+
+#: How calibration pixels are grouped: by nearest centroid within each distance class to
+#: no-data (falling back to the class, then to all), by distance class only, or not at all.
+GROUPINGS = ("centroid", "distance", "global")
+
+#: Knots of each group's empirical curve (log-spaced in survival).
+N_KNOTS = 96
+
+
+def distance_classes(distance: np.ndarray | None, edges: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Distance class of each pixel: how many of the decreasing ``edges`` its distance to
+    no-data falls below (0: at least ``edges[0]`` from no-data).
+
+    Parameters
+    ----------
+    distance : ndarray or None
+        Distance of each pixel to the nearest no-data pixel, pixels (only values below
+        ``edges[0]`` need be exact); None means far from any (class 0 everywhere, of
+        ``shape``).
+    edges : ndarray (m,)
+        Decreasing class boundaries, pixels.
+    shape : tuple, optional
+        Output shape when ``distance`` is None.
+
+    Returns
+    -------
+    ndarray of int64 in ``[0, m]``.
+    """
+    if distance is None:
+        return np.zeros(shape or (), dtype=np.int64)
+    d = np.asarray(distance, dtype=np.float32)
+    return (d[..., None] < np.asarray(edges, dtype=np.float32)).sum(axis=-1).astype(np.int64)
+
+
+def threshold_for_rate(rate: float) -> float:
+    """Calibrated threshold that marks a share ``rate`` of normal pixels: ``-log10(rate)``."""
+    if not 0.0 < rate <= 1.0:
+        raise ParameterError(f"false_alarm_rate={rate!r} must be in (0, 1]")
+    return float(-np.log10(rate))
+
+
+def decision_rule(
+    mode: str | None, false_alarm_rate: float, cdf: float, zscore: float, manual: float | None
+) -> tuple[float, float]:
+    """Threshold on calibrated scores and the share of normal pixels it marks.
+
+    Every rule names a false-alarm rate ``a`` and thresholds at ``-log10(a)``:
+
+    - ``None`` (default): ``a = false_alarm_rate``;
+    - ``"cdf"`` (the seed's): ``a = 1 - cdf``, i.e. the ``cdf`` quantile of normal pixels;
+    - ``"zscore"``: ``a`` is the upper tail of a standard normal beyond ``zscore`` (the share
+      the seed's mean + ``zscore`` std rule marks of Gaussian scores: 1.645 gives 5 %);
+    - ``"manual"``: the threshold is ``manual`` itself, in calibrated units, so ``a = 10**-manual``.
+
+    Returns
+    -------
+    threshold : float
+    rate : float
+    """
+    if mode is None:
+        rate = false_alarm_rate
+    elif mode == "cdf":
+        rate = 1.0 - cdf
+    elif mode == "zscore":
+        rate = 0.5 * erfc(zscore / sqrt(2.0))
+    elif mode == "manual":
+        if manual is None:
+            raise ParameterError("threshold_mode='manual' needs threshold=<calibrated score>")
+        return float(manual), float(10.0 ** -float(manual))
+    else:
+        raise ParameterError(f"threshold_mode={mode!r} is invalid; use None, 'cdf', 'zscore' or 'manual'")
+    rate = min(1.0, max(float(rate), 1e-300))
+    return threshold_for_rate(rate), rate
+
+
+def _curve(sorted_scores: np.ndarray, n_knots: int, tail: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Knots (raw scores, increasing), calibrated values at them and the tail slope.
+
+    The value at raw score ``s`` is ``-log10((1 + #{x >= s}) / (n + 1))`` over the ``n``
+    calibration scores; beyond the knot at the top ``tail`` samples it rises by
+    ``1 / (beta ln 10)`` per unit score, ``beta`` the mean excess of those samples.
+    """
+    x = np.asarray(sorted_scores, dtype=np.float64)
+    n = len(x)
+    k = int(min(max(1, tail), n - 1))
+    u = x[n - k - 1]  # the tail starts above the (k + 1)-th largest score
+    beta = float(np.mean(x[n - k :] - u))
+    spread = float(x[-1] - x[0])
+    beta = max(beta, 1e-6 * max(spread, 1e-6))
+    p_u = (k + 2) / (n + 1)
+    survival = np.geomspace(1.0, p_u, n_knots)
+    idx = np.clip(n - np.round(survival * (n + 1)).astype(np.int64), 0, n - k - 1)
+    knots = np.unique(np.r_[x[idx], u])
+    at_least = n - np.searchsorted(x, knots, side="left")
+    values = -np.log10((1.0 + at_least) / (n + 1.0))
+    return knots, values, 1.0 / (beta * log(10.0))
+
+
+@dataclass
+class Calibration:
+    """Per-group curves from raw pixel scores to ``-log10`` of a conformal p-value.
+
+    Attributes
+    ----------
+    distance_edges : ndarray (m,)
+        Boundaries of the distance classes to no-data, pixels (decreasing).
+    table : ndarray of int (m + 1, k)
+        Group of a pixel by distance class and nearest centroid (fallbacks resolved).
+    knots : ndarray (G, K)
+        Raw scores of each group's curve, strictly increasing along each row.
+    values : ndarray (G, K)
+        Calibrated scores at the knots (0 at the first knot).
+    tail_slope : ndarray (G,)
+        Calibrated units per raw unit beyond each group's last knot.
+    counts : ndarray (G,)
+        Calibration pixels of each group.
+    parents : ndarray of int (G,)
+        The next coarser group of each (-1 for the pooled group).
+    """
+
+    distance_edges: np.ndarray
+    table: np.ndarray
+    knots: np.ndarray
+    values: np.ndarray
+    tail_slope: np.ndarray
+    counts: np.ndarray
+    parents: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.distance_edges = np.ascontiguousarray(self.distance_edges, dtype=np.float32)
+        self.table = np.ascontiguousarray(self.table, dtype=np.int64)
+        self.parents = np.ascontiguousarray(self.parents, dtype=np.int64)
+        for name in ("knots", "values", "tail_slope", "counts"):
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float64))
+
+    @property
+    def n_groups(self) -> int:
+        """Number of distinct groups (pooled, distance classes and fine groups)."""
+        return int(self.knots.shape[0])
+
+    def groups(self, labels: np.ndarray, distance: np.ndarray | None) -> np.ndarray:
+        """Group index of each pixel from its nearest centroid and distance to no-data."""
+        labels = np.asarray(labels, dtype=np.int64)
+        d = distance_classes(distance, self.distance_edges, labels.shape)
+        return self.table[d, labels]
+
+    def _curve_values(self, s: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """Group ``g``'s curve at raw scores ``s`` (both 1-D, finite)."""
+        n_knots = self.knots.shape[1]
+        lo, hi = self.knots[g, 0], self.knots[g, -1]
+        inside = np.clip(s, lo, hi)
+        # one searchsorted over every group's knots, each group shifted past the previous
+        base = float(self.knots[:, 0].min())
+        step = float(self.knots[:, -1].max() - base) + 1.0
+        shift = np.arange(self.n_groups, dtype=np.float64)[:, None] * step
+        flat_knots = ((self.knots - base) + shift).ravel()
+        j = np.searchsorted(flat_knots, (inside - base) + g * step, side="right") - 1
+        j = np.clip(j, g * n_knots, g * n_knots + n_knots - 2)
+        k0, k1 = self.knots.ravel()[j], self.knots.ravel()[j + 1]
+        v0, v1 = self.values.ravel()[j], self.values.ravel()[j + 1]
+        t = np.clip((inside - k0) / (k1 - k0), 0.0, 1.0)
+        return v0 + t * (v1 - v0) + np.maximum(s - hi, 0.0) * self.tail_slope[g]
+
+    def apply(self, scores: np.ndarray, labels: np.ndarray, distance: np.ndarray | None) -> np.ndarray:
+        """Calibrated scores (``-log10`` p-values, float32) of raw pixel scores.
+
+        A pixel's value is the smaller of its centroid group's and its distance class's:
+        it is as unusual as the less unusual of the two views makes it. A centroid group's
+        curve can thus only lower a value: it relieves rare, varied normal appearance whose
+        own spread is wide, and a group estimated from fewer pixels (noisier in its tail)
+        never marks more than its distance class would. Distance classes stand alone (a
+        pixel near no-data is judged only against pixels as near).
+
+        Parameters
+        ----------
+        scores : ndarray
+            Raw pixel scores; NaN (no-data) stays NaN.
+        labels : ndarray of int, same shape
+            Nearest centroid of the tile centred nearest each pixel.
+        distance : ndarray or None, same shape
+            Distance to no-data (see :func:`distance_classes`).
+        """
+        s = np.asarray(scores, dtype=np.float64)
+        flat_s = s.ravel()
+        finite = np.isfinite(flat_s)
+        x = flat_s[finite]
+        g = self.groups(labels, distance).ravel()[finite]
+        out = self._curve_values(x, g)
+        up = self.parents[g]
+        while (up >= 0).any():
+            sel = np.flatnonzero(up >= 0)
+            out[sel] = np.minimum(out[sel], self._curve_values(x[sel], up[sel]))
+            up[sel] = self.parents[up[sel]]
+        result = np.full(flat_s.shape, np.nan)
+        result[finite] = out
+        return result.reshape(s.shape).astype(np.float32)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """All arrays by name (for the model file)."""
+        return {
+            "distance_edges": self.distance_edges.astype(np.float32),
+            "table": self.table.astype(np.int32),
+            "knots": self.knots,
+            "values": self.values,
+            "tail_slope": self.tail_slope,
+            "counts": self.counts,
+            "parents": self.parents.astype(np.int32),
+        }
+
+    def summary(self) -> dict[str, int]:
+        """Groups and calibration pixels (the pooled group holds them all)."""
+        return {"groups": self.n_groups, "pixels": int(self.counts[0])}
+
+
+def fit_calibration(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    distance_class: np.ndarray,
+    n_labels: int,
+    distance_edges: np.ndarray,
+    *,
+    grouping: str = "centroid",
+    min_samples: int = 2000,
+    tail: int | None = None,
+    n_knots: int = N_KNOTS,
+) -> Calibration:
+    """Fit the per-group curves on raw scores of held-out normal pixels.
+
+    Parameters
+    ----------
+    scores : ndarray (n,)
+        Raw pixel scores of normal pixels not used to fit the dictionary (finite).
+    labels : ndarray of int (n,)
+        Nearest centroid of each, in ``[0, n_labels)``.
+    distance_class : ndarray of int (n,)
+        Distance class of each (see :func:`distance_classes`), in ``[0, m]``.
+    n_labels : int
+        Number of centroids.
+    distance_edges : ndarray (m,)
+        Boundaries of the distance classes, pixels.
+    grouping : {"centroid", "distance", "global"}
+        Finest grouping tried (see :data:`GROUPINGS`).
+    min_samples : int
+        Fewest calibration pixels a group needs; smaller ones fall back to the coarser group.
+    tail : int, optional
+        Samples in each group's exponential tail; default ``max(30, n / 1000)``.
+    n_knots : int
+        Knots of each group's empirical curve.
+
+    Returns
+    -------
+    Calibration
+    """
+    if grouping not in GROUPINGS:
+        raise ParameterError(f"calibration_groups={grouping!r} is invalid; choose from {list(GROUPINGS)}")
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels, dtype=np.int64).ravel()
+    classes = np.asarray(distance_class, dtype=np.int64).ravel()
+    keep = np.isfinite(scores)
+    scores, labels, classes = scores[keep], labels[keep], classes[keep]
+    if len(scores) < 2:
+        raise ParameterError(
+            "calibration got fewer than 2 valid validation pixels; give larger or more validation images"
+        )
+    m = len(distance_edges)
+    curves: list[tuple[np.ndarray, np.ndarray, float, int]] = []
+    parents: list[int] = []
+
+    def add(sel: np.ndarray, parent: int) -> int:
+        x = np.sort(scores[sel])
+        n_tail = tail if tail is not None else max(30, len(x) // 1000)
+        curves.append((*_curve(x, n_knots, n_tail), len(x)))
+        parents.append(parent)
+        return len(curves) - 1
+
+    pooled = add(np.ones(len(scores), dtype=bool), -1)
+    table = np.full((m + 1, max(1, n_labels)), pooled, dtype=np.int64)
+    if grouping != "global":
+        for d in range(m + 1):
+            in_class = classes == d
+            if in_class.sum() < min_samples:
+                continue
+            cls = add(in_class, -1)  # distance classes stand alone
+            table[d, :] = cls
+            if grouping != "centroid":
+                continue
+            counts = np.bincount(labels[in_class], minlength=n_labels)
+            for c in np.flatnonzero(counts >= min_samples):
+                table[d, c] = add(in_class & (labels == c), cls)
+    # one rectangular array: extend shorter curves along their own tail
+    width = max(2, max(len(k) for k, _, _, _ in curves))
+    knots = np.empty((len(curves), width))
+    values = np.empty((len(curves), width))
+    for i, (k, v, slope, _) in enumerate(curves):
+        extra = width - len(k)
+        step = max(1e-9, 1e-6 * abs(float(k[-1])))
+        knots[i] = np.r_[k, k[-1] + step * np.arange(1, extra + 1)]
+        values[i] = np.r_[v, v[-1] + slope * step * np.arange(1, extra + 1)]
+    return Calibration(
+        distance_edges=np.asarray(distance_edges, dtype=np.float32),
+        table=table,
+        knots=knots,
+        values=values,
+        tail_slope=np.array([c[2] for c in curves]),
+        counts=np.array([c[3] for c in curves], dtype=np.float64),
+        parents=np.array(parents, dtype=np.int64),
+    )

@@ -1,0 +1,799 @@
+"""Pixel and region metrics of anomaly score maps, accumulated in bounded memory.
+
+Score maps are float arrays ``(H, W)`` in which a higher value means more anomalous and NaN
+means no data; NaN pixels are left out of every count. Ground truth is a binary array of the
+same shape. A large raster may be fed block by block, in any order, each block with its
+origin in the image: all pixel statistics go into fixed histograms over ``[lo, hi]`` (scores
+outside are clipped into the end bins), so memory does not grow with the number of pixels.
+
+Regions are 8-connected components, both of the ground truth (for the per-region overlap,
+PRO, and for counting regions found or missed) and of the predicted mask ``score >=
+threshold`` (for counting false regions). Each block is labelled on its own; the labels of
+its edge rows and columns are kept and, once an image is complete, joined across block
+borders (a union-find over the ``(block, label)`` pieces, solved as connected components of
+a sparse graph). Each ground-truth piece keeps a sparse histogram of its scores so that the
+PRO curve can be formed once the full size of its region is known.
+
+All numbers are computed on the host with numpy and scipy; nothing here reads or writes
+files.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage, sparse
+from scipy.sparse.csgraph import connected_components
+
+from .errors import GroundTruthError, ParameterError
+
+__all__ = [
+    "GroundTruthError",
+    "MetricsAccumulator",
+    "aupro_from_curve",
+    "auroc_from_hist",
+    "best_f1_from_hist",
+    "image_metrics",
+    "pro_curve",
+    "read_ground_truth",
+    "roc_curve_from_hist",
+]
+
+#: 8-connectivity for :func:`scipy.ndimage.label`.
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+#: Neighbour offsets that, with their mirror images, cover the 8-neighbourhood.
+_HALF_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))
+
+
+# ----------------------------------------------------------------------------------------
+# Ground truth
+# ----------------------------------------------------------------------------------------
+
+
+def _binary_ground_truth(array: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """Validate a ground-truth array; return it as bool and its positive value (None: none)."""
+    gt = np.asarray(array)
+    if gt.ndim == 3 and gt.shape[2] == 1:
+        gt = gt[:, :, 0]
+    if gt.ndim != 2:
+        hint = " (convert a colour mask to one band first)" if gt.ndim == 3 else ""
+        raise GroundTruthError(f"ground truth must be a 2-D array (H, W); got shape {gt.shape}{hint}")
+    if gt.dtype == bool:
+        return gt, (1.0 if gt.any() else None)
+    if not (np.issubdtype(gt.dtype, np.integer) or np.issubdtype(gt.dtype, np.floating)):
+        raise GroundTruthError(f"ground truth must hold numbers or booleans; got dtype {gt.dtype}")
+    positive = gt != 0
+    values = gt[positive]
+    if values.size == 0:
+        return positive, None
+    first = values.flat[0]
+    if not (first > 0) or bool(np.any(values != first)):
+        found = np.unique(gt)
+        shown = ", ".join(str(v) for v in found[:8].tolist()) + (", ..." if found.size > 8 else "")
+        raise GroundTruthError(
+            f"ground truth is not binary: found {found.size} distinct values ({shown}); expected 0 "
+            "for normal pixels and one positive value (1 or 255, say) for anomalous pixels. "
+            "Threshold or re-export the mask so that it holds only two values."
+        )
+    return positive, float(first)
+
+
+def read_ground_truth(array: np.ndarray) -> np.ndarray:
+    """Check that an array is a binary ground-truth mask and return it as bool.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        ``(H, W)`` or ``(H, W, 1)``: bool, or numbers that are 0 for normal pixels and one
+        single positive value (1, 255, ...) for anomalous pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        Bool ``(H, W)``, True where anomalous.
+
+    Raises
+    ------
+    GroundTruthError
+        The array is not 2-D, not numeric, or holds other values than 0 and one positive
+        value; the message lists the values found.
+    """
+    return _binary_ground_truth(array)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Curves from histograms
+# ----------------------------------------------------------------------------------------
+
+
+def _tail_sums(hist: np.ndarray) -> np.ndarray:
+    """``out[k] = hist[k:].sum()`` for ``k = 0 .. bins`` (so ``out[bins] = 0``)."""
+    out = np.zeros(hist.size + 1, dtype=np.float64)
+    out[:-1] = np.cumsum(hist[::-1], dtype=np.float64)[::-1]
+    return out
+
+
+def roc_curve_from_hist(normal_hist: np.ndarray, anomalous_hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve with one point per bin edge, from score histograms.
+
+    The point of edge ``k`` counts the pixels in bins ``k`` and above as marked, that is the
+    pixels whose score is at least the edge.
+
+    Parameters
+    ----------
+    normal_hist, anomalous_hist : numpy.ndarray
+        Counts per score bin of normal and of anomalous pixels, same length ``bins``.
+
+    Returns
+    -------
+    fpr, tpr : numpy.ndarray
+        ``bins + 1`` points each, from ``(0, 0)`` (highest edge) to ``(1, 1)`` (lowest edge),
+        with false positive rate non-decreasing. Rates are NaN when a class is empty.
+    """
+    n_tail = _tail_sums(np.asarray(normal_hist))[::-1]
+    a_tail = _tail_sums(np.asarray(anomalous_hist))[::-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return n_tail / n_tail[-1], a_tail / a_tail[-1]
+
+
+def auroc_from_hist(normal_hist: np.ndarray, anomalous_hist: np.ndarray) -> float | None:
+    """Area under the ROC curve from score histograms.
+
+    Equal to the trapezoid area under :func:`roc_curve_from_hist`: an anomalous pixel counts
+    one against every normal pixel in a lower bin and one half against every normal pixel in
+    its own bin.
+
+    Parameters
+    ----------
+    normal_hist, anomalous_hist : numpy.ndarray
+        Counts per score bin of normal and of anomalous pixels.
+
+    Returns
+    -------
+    float or None
+        The AUROC in ``[0, 1]``; None when either class has no pixel.
+    """
+    n = np.asarray(normal_hist, dtype=np.float64)
+    a = np.asarray(anomalous_hist, dtype=np.float64)
+    n_total, a_total = n.sum(), a.sum()
+    if n_total == 0 or a_total == 0:
+        return None
+    below = np.cumsum(n) - n
+    return float(np.dot(a, below + 0.5 * n) / (n_total * a_total))
+
+
+def pro_curve(
+    normal_hist: np.ndarray, pro_hist: np.ndarray, n_regions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-region overlap against false positive rate, one point per bin edge.
+
+    Parameters
+    ----------
+    normal_hist : numpy.ndarray
+        Counts per score bin of normal pixels.
+    pro_hist : numpy.ndarray
+        Per bin, the sum over ground-truth regions of the fraction of the region's pixels
+        that fall in the bin (as kept by :class:`MetricsAccumulator`).
+    n_regions : int
+        Number of ground-truth regions summed in ``pro_hist``.
+
+    Returns
+    -------
+    fpr, pro : numpy.ndarray
+        ``bins + 1`` points each, from the highest edge to the lowest, false positive rate
+        non-decreasing. NaN where undefined (no normal pixel, no region).
+    """
+    n_tail = _tail_sums(np.asarray(normal_hist))[::-1]
+    p_tail = _tail_sums(np.asarray(pro_hist, dtype=np.float64))[::-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fpr = n_tail / n_tail[-1]
+        pro = np.minimum(p_tail / n_regions, 1.0) if n_regions > 0 else np.full_like(p_tail, np.nan)
+    return fpr, pro
+
+
+def aupro_from_curve(fpr: np.ndarray, pro: np.ndarray, max_fpr: float = 0.3) -> float | None:
+    """Normalised area under a PRO curve up to a false positive rate.
+
+    The curve is integrated with the trapezoid rule from FPR 0 to ``max_fpr``, the PRO at
+    ``max_fpr`` itself being interpolated linearly between its neighbouring points, and the
+    area is divided by ``max_fpr``: a perfect score map gives 1, an inverted one 0.
+
+    Parameters
+    ----------
+    fpr, pro : numpy.ndarray
+        Curve points in order of non-decreasing FPR, as from :func:`pro_curve`.
+    max_fpr : float
+        Upper integration limit, in ``(0, 1]``.
+
+    Returns
+    -------
+    float or None
+        The normalised area; None when the curve is undefined.
+    """
+    fpr = np.asarray(fpr, dtype=np.float64)
+    pro = np.asarray(pro, dtype=np.float64)
+    if fpr.size == 0 or not (np.all(np.isfinite(fpr)) and np.all(np.isfinite(pro))):
+        return None
+    beyond = np.flatnonzero(fpr > max_fpr)
+    if beyond.size:
+        i = int(beyond[0])
+        x = fpr[:i]
+        y = pro[:i]
+        if i == 0:
+            x, y, end = np.array([0.0]), np.array([pro[0]]), pro[0]
+        else:
+            x0, x1, y0, y1 = fpr[i - 1], fpr[i], pro[i - 1], pro[i]
+            end = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)
+        x = np.append(x, max_fpr)
+        y = np.append(y, end)
+    else:
+        x, y = fpr, pro
+    area = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) * 0.5))
+    return area / max_fpr
+
+
+def best_f1_from_hist(
+    normal_hist: np.ndarray, anomalous_hist: np.ndarray, edges: np.ndarray
+) -> tuple[float | None, float | None]:
+    """Best F1 score over thresholds at the bin edges.
+
+    Parameters
+    ----------
+    normal_hist, anomalous_hist : numpy.ndarray
+        Counts per score bin of normal and of anomalous pixels, length ``bins``.
+    edges : numpy.ndarray
+        The ``bins + 1`` bin edges; a threshold at ``edges[k]`` marks bins ``k`` and above.
+
+    Returns
+    -------
+    best_f1, best_threshold : float or None
+        The highest F1 and the lowest edge reaching it; None when there is no anomalous pixel.
+    """
+    tp = _tail_sums(np.asarray(anomalous_hist))[:-1]
+    fp = _tail_sums(np.asarray(normal_hist))[:-1]
+    a_total = tp[0] if tp.size else 0.0
+    if a_total == 0:
+        return None, None
+    f1 = 2.0 * tp / (tp + fp + a_total)  # 2tp / (2tp + fp + fn) with fn = A - tp
+    k = int(np.argmax(f1))
+    return float(f1[k]), float(edges[k])
+
+
+# ----------------------------------------------------------------------------------------
+# Accumulator
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Labels:
+    """Connected pieces of one kind (ground truth or mask) collected over an image's blocks."""
+
+    n_nodes: int = 0
+    #: Per piece: number of valid pixels (ground truth) and a flag (hit / touches ground truth).
+    sizes: list[np.ndarray] = field(default_factory=list)
+    flags: list[np.ndarray] = field(default_factory=list)
+    #: Sparse histograms of ground-truth pieces: node, bin, count.
+    hist_node: list[np.ndarray] = field(default_factory=list)
+    hist_bin: list[np.ndarray] = field(default_factory=list)
+    hist_count: list[np.ndarray] = field(default_factory=list)
+    #: Labelled edge pixels of the blocks: image row, image column, node.
+    edge_y: list[np.ndarray] = field(default_factory=list)
+    edge_x: list[np.ndarray] = field(default_factory=list)
+    edge_node: list[np.ndarray] = field(default_factory=list)
+
+    def add_block(self, labels: np.ndarray, n: int, y0: int, x0: int) -> np.ndarray:
+        """Record a block's edge labels; return the node id of each label (index 0 unused)."""
+        nodes = np.arange(self.n_nodes - 1, self.n_nodes + n, dtype=np.int64)
+        nodes[0] = -1
+        self.n_nodes += n
+        h, w = labels.shape
+        ys = np.concatenate([np.zeros(w, np.int64), np.full(w, h - 1), np.arange(h), np.arange(h)])
+        xs = np.concatenate([np.arange(w), np.arange(w), np.zeros(h, np.int64), np.full(h, w - 1)])
+        lab = labels[ys, xs]
+        keep = lab > 0
+        self.edge_y.append(ys[keep] + y0)
+        self.edge_x.append(xs[keep] + x0)
+        self.edge_node.append(nodes[lab[keep]])
+        return nodes
+
+    def roots(self, width: int) -> tuple[np.ndarray, int]:
+        """Component of each node after joining pieces across block borders, and their number."""
+        if self.n_nodes == 0:
+            return np.zeros(0, dtype=np.int64), 0
+        ys = np.concatenate(self.edge_y)
+        xs = np.concatenate(self.edge_x)
+        nodes = np.concatenate(self.edge_node)
+        keys = ys * width + xs
+        if keys.size == 0:
+            return np.arange(self.n_nodes, dtype=np.int64), self.n_nodes
+        order = np.argsort(keys, kind="stable")
+        keys, nodes_sorted = keys[order], nodes[order]
+        ys, xs, nodes = ys[order], xs[order], nodes_sorted
+        src: list[np.ndarray] = []
+        dst: list[np.ndarray] = []
+        for dy, dx in _HALF_NEIGHBOURS:
+            ny, nx = ys + dy, xs + dx
+            inside = (nx >= 0) & (nx < width)
+            want = ny[inside] * width + nx[inside]
+            pos = np.minimum(np.searchsorted(keys, want), keys.size - 1)
+            found = keys[pos] == want
+            src.append(nodes[inside][found])
+            dst.append(nodes_sorted[pos[found]])
+        a, b = np.concatenate(src), np.concatenate(dst)
+        graph = sparse.coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(self.n_nodes,) * 2)
+        count, roots = connected_components(graph.tocsr(), directed=False)
+        return roots.astype(np.int64), int(count)
+
+
+@dataclass
+class _ImageState:
+    """Everything kept about an image while its blocks arrive."""
+
+    shape: tuple[int, int]
+    normal: np.ndarray
+    anomalous: np.ndarray
+    covered: int = 0
+    offsets: set[tuple[int, int]] = field(default_factory=set)
+    gt_value: float | None = None
+    valid: int = 0
+    n_anomalous: int = 0
+    marked: int = 0
+    true_positive: int = 0
+    gt: _Labels = field(default_factory=_Labels)
+    mask: _Labels = field(default_factory=_Labels)
+
+
+@dataclass
+class _RegionTotals:
+    """Region figures of one or more finished images."""
+
+    pro_hist: np.ndarray
+    regions: int = 0
+    regions_hit: int = 0
+    false_regions: int = 0
+
+    def add(self, other: _RegionTotals) -> None:
+        """Add another image's figures to these."""
+        self.pro_hist += other.pro_hist
+        self.regions += other.regions
+        self.regions_hit += other.regions_hit
+        self.false_regions += other.false_regions
+
+
+def _public(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A metrics dictionary without its private (underscore) entries."""
+    return {k: v for k, v in metrics.items() if not k.startswith("_")}
+
+
+def _ratio(num: float, den: float) -> float | None:
+    """``num / den`` as float, None when ``den`` is 0."""
+    return float(num / den) if den else None
+
+
+class MetricsAccumulator:
+    """Pixel and region metrics of score maps, fed one image or one block at a time.
+
+    Parameters
+    ----------
+    threshold : float
+        The model's decision threshold: a pixel is marked anomalous when ``score >=
+        threshold``. F1, precision, recall, ``normal_marked`` and the region counts use it.
+    lo, hi : float
+        Score range of the histograms; scores outside are clipped into the end bins. Choose
+        it to cover the scores of interest: curves lose resolution outside it.
+    bins : int
+        Number of histogram bins over ``[lo, hi]``.
+    max_fpr : float
+        False positive rate up to which the PRO curve is integrated, in ``(0, 1]``.
+    pixel_area_m2 : float, optional
+        Ground area of one pixel in square metres; when given, false regions are also
+        reported per square kilometre of valid pixels.
+
+    Notes
+    -----
+    Memory: four ``bins``-long histograms overall, plus, for each image whose blocks have
+    not all arrived yet, two histograms, the labels of the blocks' edge rows and columns and
+    a sparse histogram per ground-truth piece. An image is finished (and its per-block data
+    dropped) as soon as its blocks cover its whole area. Blocks of one image must not
+    overlap.
+
+    Examples
+    --------
+    >>> acc = MetricsAccumulator(threshold=3.0)
+    >>> acc.add(scores, gt, image="tile_07")                    # doctest: +SKIP
+    >>> acc.add(block, gt_block, image="mosaic", offset=(0, 4096), shape=(20000, 30000))
+    ...                                                         # doctest: +SKIP
+    >>> metrics = acc.result()                                  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        threshold: float,
+        lo: float = 0.0,
+        hi: float = 20.0,
+        bins: int = 8192,
+        max_fpr: float = 0.3,
+        pixel_area_m2: float | None = None,
+    ) -> None:
+        if not math.isfinite(float(threshold)):
+            raise ParameterError(f"threshold must be a finite number; got {threshold!r}")
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ParameterError(f"lo and hi must be finite with lo < hi; got lo={lo!r}, hi={hi!r}")
+        if int(bins) != bins or bins < 2:
+            raise ParameterError(f"bins must be an integer >= 2; got {bins!r}")
+        if not (0.0 < max_fpr <= 1.0):
+            raise ParameterError(f"max_fpr must be in (0, 1]; got {max_fpr!r}")
+        if pixel_area_m2 is not None and not (math.isfinite(pixel_area_m2) and pixel_area_m2 > 0):
+            raise ParameterError(f"pixel_area_m2 must be a positive number or None; got {pixel_area_m2!r}")
+        self.threshold = float(threshold)
+        self.lo = float(lo)
+        self.hi = float(hi)
+        self.bins = int(bins)
+        self.max_fpr = float(max_fpr)
+        self.pixel_area_m2 = None if pixel_area_m2 is None else float(pixel_area_m2)
+        #: Bin edges, ``bins + 1`` values from ``lo`` to ``hi``.
+        self.edges = np.linspace(self.lo, self.hi, self.bins + 1)
+        #: Counts per bin of normal and of anomalous valid pixels, over all images.
+        self.normal_hist = np.zeros(self.bins, dtype=np.int64)
+        self.anomalous_hist = np.zeros(self.bins, dtype=np.int64)
+        self._clipped_low = 0
+        self._clipped_high = 0
+        self._finished = _RegionTotals(np.zeros(self.bins, dtype=np.float64))
+        self._pending: dict[str, _ImageState] = {}
+        self._images: dict[str, dict[str, Any]] = {}
+
+    # -- feeding -------------------------------------------------------------------------
+
+    def _bin_index(self, scores: np.ndarray) -> np.ndarray:
+        """Bin of each score such that ``score >= edges[k]`` exactly when ``bin >= k``."""
+        s = np.clip(scores, self.lo, self.hi)
+        idx = ((s - self.lo) * (self.bins / (self.hi - self.lo))).astype(np.int64)
+        np.clip(idx, 0, self.bins - 1, out=idx)
+        idx -= s < self.edges[idx]
+        up = (idx < self.bins - 1) & (s >= self.edges[np.minimum(idx + 1, self.bins)])
+        idx += up
+        return idx
+
+    def add(
+        self,
+        scores: np.ndarray,
+        gt: np.ndarray,
+        image: str = "image",
+        offset: tuple[int, int] = (0, 0),
+        shape: tuple[int, int] | None = None,
+    ) -> None:
+        """Add the scores of one image, or of one block of an image.
+
+        Parameters
+        ----------
+        scores : numpy.ndarray
+            Float ``(h, w)`` scores, NaN where there is no data.
+        gt : numpy.ndarray
+            Ground truth of the same pixels, ``(h, w)``: bool, or 0 and one positive value.
+        image : str
+            Name of the image the pixels belong to; per-image metrics are keyed by it.
+        offset : tuple of int
+            ``(y0, x0)``, origin of the block in the image; ``(0, 0)`` for a whole image.
+        shape : tuple of int, optional
+            ``(H, W)`` of the whole image when ``scores`` is a block of it; by default the
+            block is the whole image. Every block of an image must give the same shape.
+
+        Raises
+        ------
+        ParameterError
+            Scores not 2-D, or a block that lies outside the image, overlaps a block already
+            added, or disagrees with earlier blocks about the image shape.
+        GroundTruthError
+            Ground truth of another shape than the scores, or not binary.
+        """
+        scores = np.asarray(scores)
+        if scores.ndim != 2:
+            raise ParameterError(
+                f"scores of {image!r} must be a 2-D array (H, W); got shape {scores.shape}. "
+                "Pass one band of scores per image (squeeze or select the band first)."
+            )
+        if not (np.issubdtype(scores.dtype, np.floating) or np.issubdtype(scores.dtype, np.integer)):
+            raise ParameterError(f"scores of {image!r} must be numbers; got dtype {scores.dtype}")
+        gt_bool, gt_value = _binary_ground_truth(gt)
+        if gt_bool.shape != scores.shape:
+            raise GroundTruthError(
+                f"ground truth of {image!r} has shape {gt_bool.shape} but its scores have shape "
+                f"{scores.shape}; give the mask of exactly the same pixels (same size, not resized "
+                "or cropped differently)."
+            )
+        h, w = scores.shape
+        y0, x0 = (int(v) for v in offset)
+        full = (h, w) if shape is None else (int(shape[0]), int(shape[1]))
+        if shape is None and (y0, x0) != (0, 0):
+            raise ParameterError(
+                f"block of {image!r} at offset {(y0, x0)} needs the whole image shape: pass shape=(H, W)"
+            )
+        if y0 < 0 or x0 < 0 or y0 + h > full[0] or x0 + w > full[1]:
+            raise ParameterError(
+                f"block of {image!r} with shape {(h, w)} at offset {(y0, x0)} does not fit in the "
+                f"image shape {full}"
+            )
+        if image in self._images:
+            raise ParameterError(
+                f"image {image!r} is already complete: its blocks covered all {full[0] * full[1]} "
+                "pixels. Blocks must not overlap, and image names must be unique."
+            )
+        state = self._pending.get(image)
+        if state is None:
+            state = _ImageState(
+                shape=full,
+                normal=np.zeros(self.bins, dtype=np.int64),
+                anomalous=np.zeros(self.bins, dtype=np.int64),
+            )
+        elif state.shape != full:
+            raise ParameterError(
+                f"block of {image!r} gives image shape {full}, earlier blocks gave {state.shape}"
+            )
+        if (y0, x0) in state.offsets or state.covered + h * w > full[0] * full[1]:
+            raise ParameterError(
+                f"block of {image!r} at offset {(y0, x0)} overlaps blocks already added; each "
+                "pixel of an image must be added once"
+            )
+        if gt_value is not None and state.gt_value is not None and gt_value != state.gt_value:
+            raise GroundTruthError(
+                f"ground truth of {image!r} marks anomalies with {state.gt_value:g} in one block "
+                f"and {gt_value:g} in another; use one value throughout the mask"
+            )
+        self._pending[image] = state
+        if h * w:
+            self._add_block(state, scores, gt_bool, y0, x0)
+        state.offsets.add((y0, x0))
+        state.covered += h * w
+        if gt_value is not None:
+            state.gt_value = gt_value
+        if state.covered == full[0] * full[1]:
+            metrics, totals = self._finish(state)
+            self._images[image] = metrics
+            self._finished.add(totals)
+            del self._pending[image]
+
+    def _add_block(self, state: _ImageState, scores: np.ndarray, gt: np.ndarray, y0: int, x0: int) -> None:
+        """Histogram a checked block and label its regions."""
+        valid = ~np.isnan(scores) if np.issubdtype(scores.dtype, np.floating) else np.ones(scores.shape, bool)
+        s = scores[valid]
+        g = gt[valid]
+        idx = self._bin_index(s)
+        normal = np.bincount(idx[~g], minlength=self.bins)
+        anomalous = np.bincount(idx[g], minlength=self.bins)
+        state.normal += normal
+        state.anomalous += anomalous
+        self.normal_hist += normal
+        self.anomalous_hist += anomalous
+        self._clipped_low += int(np.count_nonzero(s < self.lo))
+        self._clipped_high += int(np.count_nonzero(s > self.hi))
+        marked = np.zeros(scores.shape, dtype=bool)
+        marked[valid] = s >= self.threshold
+        state.valid += int(s.size)
+        state.n_anomalous += int(np.count_nonzero(g))
+        state.marked += int(np.count_nonzero(marked))
+        state.true_positive += int(np.count_nonzero(marked & gt))
+
+        # Ground-truth pieces: valid size, hit flag, sparse score histogram.
+        gt_lab, n_gt = ndimage.label(gt, structure=_EIGHT)
+        if n_gt:
+            nodes = state.gt.add_block(gt_lab, n_gt, y0, x0)
+            lab_valid = gt_lab[valid]
+            state.gt.sizes.append(np.bincount(lab_valid, minlength=n_gt + 1)[1:])
+            state.gt.flags.append(np.bincount(gt_lab[marked], minlength=n_gt + 1)[1:] > 0)
+            in_gt = lab_valid > 0
+            key = (lab_valid[in_gt] - 1) * self.bins + idx[in_gt]
+            uniq, counts = np.unique(key, return_counts=True)
+            state.gt.hist_node.append(nodes[uniq // self.bins + 1])
+            state.gt.hist_bin.append(uniq % self.bins)
+            state.gt.hist_count.append(counts)
+
+        # Mask pieces: does each touch a ground-truth pixel?
+        mask_lab, n_mask = ndimage.label(marked, structure=_EIGHT)
+        if n_mask:
+            state.mask.add_block(mask_lab, n_mask, y0, x0)
+            state.mask.flags.append(np.bincount(mask_lab[marked & gt], minlength=n_mask + 1)[1:] > 0)
+
+    # -- results -------------------------------------------------------------------------
+
+    def _finish(self, state: _ImageState) -> tuple[dict[str, Any], _RegionTotals]:
+        """Per-image metrics and region totals of an image (pure: ``state`` is not changed)."""
+        width = state.shape[1]
+        totals = _RegionTotals(np.zeros(self.bins, dtype=np.float64))
+        if state.gt.n_nodes:
+            roots, count = state.gt.roots(width)
+            size = np.bincount(roots, np.concatenate(state.gt.sizes), minlength=count)
+            hit = np.bincount(roots, np.concatenate(state.gt.flags), minlength=count) > 0
+            present = size > 0
+            node = np.concatenate(state.gt.hist_node)
+            weight = np.concatenate(state.gt.hist_count) / size[roots[node]]
+            totals.pro_hist = np.bincount(np.concatenate(state.gt.hist_bin), weight, minlength=self.bins)
+            totals.regions = int(np.count_nonzero(present))
+            totals.regions_hit = int(np.count_nonzero(hit & present))
+        if state.mask.n_nodes:
+            roots, count = state.mask.roots(width)
+            touches = np.bincount(roots, np.concatenate(state.mask.flags), minlength=count) > 0
+            totals.false_regions = int(np.count_nonzero(~touches))
+        counts = dict(
+            valid=state.valid,
+            anomalous=state.n_anomalous,
+            marked=state.marked,
+            true_positive=state.true_positive,
+        )
+        metrics = self._metrics(state.normal, state.anomalous, counts, totals)
+        metrics["shape"] = list(state.shape)
+        metrics["_true_positive"] = state.true_positive
+        return metrics, totals
+
+    def _metrics(
+        self, normal: np.ndarray, anomalous: np.ndarray, counts: dict[str, int], totals: _RegionTotals
+    ) -> dict[str, Any]:
+        """The metrics dictionary from histograms, pixel counts and region totals."""
+        valid, n_anom, marked, tp = (
+            counts["valid"], counts["anomalous"], counts["marked"], counts["true_positive"],
+        )
+        n_normal = valid - n_anom
+        fp, fn = marked - tp, n_anom - tp
+        aupro = None
+        if totals.regions and n_normal:
+            fpr, pro = pro_curve(normal, totals.pro_hist, totals.regions)
+            aupro = aupro_from_curve(fpr, pro, self.max_fpr)
+        best_f1, best_threshold = best_f1_from_hist(normal, anomalous, self.edges)
+        mpx = valid / 1e6
+        per_km2 = None
+        if self.pixel_area_m2 is not None and valid:
+            per_km2 = totals.false_regions / (valid * self.pixel_area_m2 / 1e6)
+        return {
+            "auroc": auroc_from_hist(normal, anomalous),
+            "aupro": aupro,
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+            "precision": _ratio(tp, marked),
+            "recall": _ratio(tp, n_anom),
+            "best_f1": best_f1,
+            "best_threshold": best_threshold,
+            "threshold": self.threshold,
+            "normal_marked": _ratio(fp, n_normal),
+            "valid_pixels": int(valid),
+            "anomalous_pixels": int(n_anom),
+            "normal_pixels": int(n_normal),
+            "marked_pixels": int(marked),
+            "regions": totals.regions,
+            "regions_hit": totals.regions_hit,
+            "regions_missed": totals.regions - totals.regions_hit,
+            "false_regions": totals.false_regions,
+            "false_regions_per_mpx": _ratio(totals.false_regions, mpx),
+            "false_regions_per_km2": per_km2,
+        }
+
+    def _all_totals(self) -> tuple[_RegionTotals, dict[str, dict[str, Any]]]:
+        """Region totals and per-image metrics including images whose blocks are incomplete."""
+        totals = _RegionTotals(self._finished.pro_hist.copy(), self._finished.regions,
+                               self._finished.regions_hit, self._finished.false_regions)
+        images = dict(self._images)
+        for name, state in self._pending.items():
+            metrics, part = self._finish(state)
+            metrics["coverage"] = state.covered / (state.shape[0] * state.shape[1])
+            images[name] = metrics
+            totals.add(part)
+        return totals, images
+
+    @property
+    def images(self) -> dict[str, dict[str, Any]]:
+        """Metrics of each image whose blocks have all been added, by image name."""
+        return {name: _public(m) for name, m in self._images.items()}
+
+    def result(self) -> dict[str, Any]:
+        """Metrics over everything added, plus the metrics of each image.
+
+        Returns
+        -------
+        dict
+            ``auroc``, ``aupro`` (normalised, up to ``max_fpr``), ``f1``, ``precision``,
+            ``recall`` (at the threshold), ``best_f1``, ``best_threshold`` (over the bin
+            edges), ``threshold``, ``normal_marked`` (share of normal pixels marked),
+            ``valid_pixels``, ``anomalous_pixels``, ``normal_pixels``, ``marked_pixels``,
+            ``regions``, ``regions_hit``, ``regions_missed``, ``false_regions`` (mask
+            components with no ground-truth pixel), ``false_regions_per_mpx``,
+            ``false_regions_per_km2`` (None without ``pixel_area_m2``), ``max_fpr``, ``lo``,
+            ``hi``, ``bins``, ``clipped_low`` and ``clipped_high`` (valid scores outside
+            ``[lo, hi]``), ``n_images`` and ``images``: name to the same per-image metrics
+            (plus ``shape``; plus ``coverage`` for an image whose blocks did not all arrive).
+            A metric that is undefined (a rate over an empty class) is None.
+
+        Raises
+        ------
+        GroundTruthError
+            No image was added, or the ground truth of all images holds no anomalous pixel.
+
+        Warns
+        -----
+        UserWarning
+            Some images are incomplete (their blocks do not cover them); their missing pixels
+            are treated as no data.
+        """
+        if not self._images and not self._pending:
+            raise GroundTruthError("no image was added to the metrics; call add() first")
+        totals, images = self._all_totals()
+        if self._pending:
+            names = ", ".join(f"{k!r} ({100 * v['coverage']:.1f}%)" for k, v in images.items() if "coverage" in v)
+            warnings.warn(
+                f"images with blocks missing, counted as they are: {names}", UserWarning, stacklevel=2
+            )
+        counts = {k: 0 for k in ("valid", "anomalous", "marked", "true_positive")}
+        for state in self._pending.values():
+            counts["valid"] += state.valid
+            counts["anomalous"] += state.n_anomalous
+            counts["marked"] += state.marked
+            counts["true_positive"] += state.true_positive
+        for m in self._images.values():
+            counts["valid"] += m["valid_pixels"]
+            counts["anomalous"] += m["anomalous_pixels"]
+            counts["marked"] += m["marked_pixels"]
+            counts["true_positive"] += m["_true_positive"]
+        if counts["anomalous"] == 0:
+            raise GroundTruthError(
+                f"the ground truth of all {len(images)} image(s) holds no anomalous pixel (among "
+                f"{counts['valid']} valid pixels), so pixel AUROC, AUPRO and F1 are undefined. Check "
+                "that the masks are the right files and not empty, and that anomalous pixels are "
+                "not all no-data (NaN) in the scores."
+            )
+        out = self._metrics(self.normal_hist, self.anomalous_hist, counts, totals)
+        out.update(
+            max_fpr=self.max_fpr, lo=self.lo, hi=self.hi, bins=self.bins,
+            clipped_low=self._clipped_low, clipped_high=self._clipped_high, n_images=len(images),
+        )
+        out["images"] = {name: _public(m) for name, m in images.items()}
+        return out
+
+    def histograms(self) -> dict[str, Any]:
+        """The histograms behind the curves, for plots (see :mod:`anomaly_dask.report`).
+
+        Returns
+        -------
+        dict
+            ``edges`` (``bins + 1``), ``normal`` and ``anomalous`` (counts per bin), ``pro``
+            (per bin, the summed region fractions of :func:`pro_curve`), ``regions``,
+            ``threshold`` and ``max_fpr``; arrays are numpy arrays.
+        """
+        totals, _ = self._all_totals()
+        return {
+            "edges": self.edges.copy(),
+            "normal": self.normal_hist.copy(),
+            "anomalous": self.anomalous_hist.copy(),
+            "pro": totals.pro_hist,
+            "regions": totals.regions,
+            "threshold": self.threshold,
+            "max_fpr": self.max_fpr,
+        }
+
+
+def image_metrics(scores: np.ndarray, gt: np.ndarray, threshold: float, **kw: Any) -> dict[str, Any]:
+    """Metrics of one whole image.
+
+    Unlike :meth:`MetricsAccumulator.result`, an image without any anomalous pixel is not an
+    error: the metrics that need one (AUROC, AUPRO, recall, F1) are None.
+
+    Parameters
+    ----------
+    scores : numpy.ndarray
+        Float ``(H, W)`` scores, NaN where there is no data.
+    gt : numpy.ndarray
+        Binary ground truth ``(H, W)``.
+    threshold : float
+        Decision threshold, ``score >= threshold`` is marked.
+    **kw
+        Further arguments of :class:`MetricsAccumulator` (``lo``, ``hi``, ``bins``,
+        ``max_fpr``, ``pixel_area_m2``).
+
+    Returns
+    -------
+    dict
+        The per-image metrics of :meth:`MetricsAccumulator.result`.
+    """
+    acc = MetricsAccumulator(threshold, **kw)
+    acc.add(scores, gt, image="image")
+    return acc.images["image"]
