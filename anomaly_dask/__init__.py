@@ -8,6 +8,7 @@ images, then score every pixel of new images by its distance to that dictionary.
 from .detector import AnomalyDetector
 from .errors import (
     AnomalyDaskError,
+    GroundTruthError,
     ImageReadError,
     InputNotFoundError,
     ModelFileError,
@@ -19,6 +20,7 @@ from .errors import (
 __all__ = [
     "AnomalyDaskError",
     "AnomalyDetector",
+    "GroundTruthError",
     "ImageReadError",
     "InputNotFoundError",
     "ModelFileError",

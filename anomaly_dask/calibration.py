@@ -19,7 +19,8 @@ group's: the centroid group relieves rare, varied normal appearance but never ma
 than the class would (see :meth:`Calibration.apply`). A group with fewer than
 ``min_samples`` calibration pixels falls back to its distance class, and a distance class
 with too few to the pooled sample. Within a group, scores up
-to the top ``tail`` samples follow the empirical conformal p-value; beyond them the
+to the top ``tail`` samples (at most a tenth of the group) follow the empirical conformal
+p-value; beyond them the
 survival decays exponentially (peaks over a threshold with an exponential excess
 distribution, its scale the mean excess), so that scores stay ordered past the largest
 calibration sample instead of saturating at ``1 / (n + 1)``.
@@ -133,7 +134,7 @@ def _curve(sorted_scores: np.ndarray, n_knots: int, tail: int) -> tuple[np.ndarr
     """
     x = np.asarray(sorted_scores, dtype=np.float64)
     n = len(x)
-    k = int(min(max(1, tail), n - 1))
+    k = int(min(max(1, tail), max(1, n // 10), n - 1))  # the top tenth at most
     u = x[n - k - 1]  # the tail starts above the (k + 1)-th largest score
     beta = float(np.mean(x[n - k :] - u))
     spread = float(x[-1] - x[0])
@@ -294,7 +295,9 @@ def fit_calibration(
     min_samples : int
         Fewest calibration pixels a group needs; smaller ones fall back to the coarser group.
     tail : int, optional
-        Samples in each group's exponential tail; default ``max(30, n / 1000)``.
+        Samples in each group's exponential tail (at most a tenth of the group's);
+        default ``max(30, n / 1000)``. Choose it so the tail holds enough
+        *independent* samples: neighbouring pixel scores are strongly correlated.
     n_knots : int
         Knots of each group's empirical curve.
 

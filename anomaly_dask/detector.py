@@ -36,6 +36,11 @@ CALIBRATION_PIXELS = 2_000_000
 MIN_GROUP_TILES = 16
 MIN_GROUP_SAMPLES = 1000
 
+#: Neighbouring pixel scores share most of their tiles, so a tile's area of pixels is about
+#: one independent sample. Each group's empirical curve stops where this many tiles' worth
+#: of its samples remain above; beyond, its tail is exponential, fitted on those samples.
+TAIL_TILES = 30
+
 #: Backbone context (network pixels) added around each window's tiles in dense mode.
 CONTEXT = {"resnet18": 160, "efficientnet_lite0": 160}
 
@@ -154,11 +159,12 @@ class AnomalyDetector:
         scores, distance, labels = pipeline.sample_pixel_scores(
             client, extractor, dict_future, val_units, s["kmeans_neighbors"], step
         )
-        least = max(MIN_GROUP_SAMPLES, round(MIN_GROUP_TILES * grid.tile_h * grid.tile_w / step**2))
+        per_tile = grid.tile_h * grid.tile_w / step**2  # sampled pixels in one tile's area
+        least = max(MIN_GROUP_SAMPLES, round(MIN_GROUP_TILES * per_tile))
         classes = distance_classes(distance, edges) if len(edges) else np.zeros(len(scores), dtype=np.int64)
         dictionary.calibration = fit_calibration(
             scores, labels, classes, len(dictionary.centroids), edges,
-            grouping=s["calibration_groups"], min_samples=least,
+            grouping=s["calibration_groups"], min_samples=least, tail=max(30, round(TAIL_TILES * per_tile)),
         )
         log.info(
             "calibrated on %d validation pixels (every %d px): %d groups of at least %d",
@@ -428,7 +434,8 @@ class AnomalyDetector:
         -------
         dict
             Overall and per-image (``images``) metrics: ``auroc``, ``aupro`` (to 30 % FPR),
-            ``f1`` at the model's threshold, ``best_f1``, ``normal_marked``, region counts
+            ``f1`` at the model's threshold, ``best_f1``, ``normal_marked`` (and
+            ``normal_marked_far``, beyond one tile of any anomalous pixel), region counts
             (``regions_hit``, ``regions_missed``, ``false_regions``, per megapixel and per
             km^2 when georeferenced), plus ``false_alarm_rate`` (the model's promise) and
             ``report`` (paths written) when ``output`` is given.
@@ -489,8 +496,8 @@ class AnomalyDetector:
                 )
                 for unit, scores in pipeline.score_blocks(client, extractor, dictionary, units, s["kmeans_neighbors"]):
                     w = unit.window
-                    gt = _gt_block(gt_source, w, read_ground_truth)
-                    acc.add(scores, gt, image=name, offset=(w.y0, w.x0), shape=(source.height, source.width))
+                    gt, near = _gt_block_with_margin(gt_source, w, read_ground_truth, acc.margin)
+                    acc.add(scores, gt, image=name, offset=(w.y0, w.x0), shape=(source.height, source.width), near=near)
                     if small is not None:
                         at = (slice((-w.y0) % step, None, step), slice((-w.x0) % step, None, step))
                         ys, xs = -(-w.y0 // step), -(-w.x0 // step)
@@ -792,6 +799,20 @@ def _gt_block(gt_source: ImageSource, w: Any, check: Any) -> np.ndarray:
         return check(block)
     except GroundTruthError as err:
         raise GroundTruthError(f"{gt_source.name}: {err}") from None
+
+
+def _gt_block_with_margin(gt_source: ImageSource, w: Any, check: Any, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth of window ``w`` and its pixels within ``margin`` of an anomalous pixel,
+    the latter from a window read ``margin`` wider (so it does not depend on the chunking)."""
+    from types import SimpleNamespace
+
+    from .evaluation import near_anomalies
+
+    y0, x0 = max(0, w.y0 - margin), max(0, w.x0 - margin)
+    y1, x1 = min(gt_source.height, w.y1 + margin), min(gt_source.width, w.x1 + margin)
+    wide = _gt_block(gt_source, SimpleNamespace(y0=y0, y1=y1, x0=x0, x1=x1), check)
+    crop = (slice(w.y0 - y0, w.y1 - y0), slice(w.x0 - x0, w.x1 - x0))
+    return wide[crop], near_anomalies(wide, margin)[crop]
 
 
 def _has_dist() -> bool:

@@ -38,6 +38,7 @@ __all__ = [
     "auroc_from_hist",
     "best_f1_from_hist",
     "image_metrics",
+    "near_anomalies",
     "pro_curve",
     "read_ground_truth",
     "roc_curve_from_hist",
@@ -344,6 +345,8 @@ class _ImageState:
     n_anomalous: int = 0
     marked: int = 0
     true_positive: int = 0
+    far_normal: int = 0
+    far_marked: int = 0
     gt: _Labels = field(default_factory=_Labels)
     mask: _Labels = field(default_factory=_Labels)
 
@@ -393,6 +396,10 @@ class MetricsAccumulator:
     pixel_area_m2 : float, optional
         Ground area of one pixel in square metres; when given, false regions are also
         reported per square kilometre of valid pixels.
+    margin : int
+        Normal pixels within this many pixels of an anomalous one are left out of
+        ``normal_marked_far``: a pixel score averages the tiles covering it, so pixels
+        beside an anomaly share its tiles (default 32, one tile).
 
     Notes
     -----
@@ -419,6 +426,7 @@ class MetricsAccumulator:
         bins: int = 8192,
         max_fpr: float = 0.3,
         pixel_area_m2: float | None = None,
+        margin: int = 32,
     ) -> None:
         if not math.isfinite(float(threshold)):
             raise ParameterError(f"threshold must be a finite number; got {threshold!r}")
@@ -436,6 +444,7 @@ class MetricsAccumulator:
         self.bins = int(bins)
         self.max_fpr = float(max_fpr)
         self.pixel_area_m2 = None if pixel_area_m2 is None else float(pixel_area_m2)
+        self.margin = int(margin)
         #: Bin edges, ``bins + 1`` values from ``lo`` to ``hi``.
         self.edges = np.linspace(self.lo, self.hi, self.bins + 1)
         #: Counts per bin of normal and of anomalous valid pixels, over all images.
@@ -466,6 +475,7 @@ class MetricsAccumulator:
         image: str = "image",
         offset: tuple[int, int] = (0, 0),
         shape: tuple[int, int] | None = None,
+        near: np.ndarray | None = None,
     ) -> None:
         """Add the scores of one image, or of one block of an image.
 
@@ -482,6 +492,11 @@ class MetricsAccumulator:
         shape : tuple of int, optional
             ``(H, W)`` of the whole image when ``scores`` is a block of it; by default the
             block is the whole image. Every block of an image must give the same shape.
+        near : numpy.ndarray of bool, optional
+            Pixels within ``margin`` of an anomalous pixel (left out of
+            ``normal_marked_far``). By default found from ``gt`` itself, which is exact for
+            a whole image; for a block, pass it from a ground-truth window read ``margin``
+            wider.
 
         Raises
         ------
@@ -545,8 +560,12 @@ class MetricsAccumulator:
                 f"and {gt_value:g} in another; use one value throughout the mask"
             )
         self._pending[image] = state
+        if near is None:
+            near = _near(gt_bool, self.margin)
+        elif np.shape(near) != gt_bool.shape:
+            raise ParameterError(f"near of {image!r} has shape {np.shape(near)}, not {gt_bool.shape}")
         if h * w:
-            self._add_block(state, scores, gt_bool, y0, x0)
+            self._add_block(state, scores, gt_bool, y0, x0, np.asarray(near, dtype=bool))
         state.offsets.add((y0, x0))
         state.covered += h * w
         if gt_value is not None:
@@ -557,7 +576,9 @@ class MetricsAccumulator:
             self._finished.add(totals)
             del self._pending[image]
 
-    def _add_block(self, state: _ImageState, scores: np.ndarray, gt: np.ndarray, y0: int, x0: int) -> None:
+    def _add_block(
+        self, state: _ImageState, scores: np.ndarray, gt: np.ndarray, y0: int, x0: int, near: np.ndarray
+    ) -> None:
         """Histogram a checked block and label its regions."""
         valid = ~np.isnan(scores) if np.issubdtype(scores.dtype, np.floating) else np.ones(scores.shape, bool)
         s = scores[valid]
@@ -577,6 +598,9 @@ class MetricsAccumulator:
         state.n_anomalous += int(np.count_nonzero(g))
         state.marked += int(np.count_nonzero(marked))
         state.true_positive += int(np.count_nonzero(marked & gt))
+        far = valid & ~gt & ~near
+        state.far_normal += int(np.count_nonzero(far))
+        state.far_marked += int(np.count_nonzero(far & marked))
 
         # Ground-truth pieces: valid size, hit flag, sparse score histogram.
         gt_lab, n_gt = ndimage.label(gt, structure=_EIGHT)
@@ -623,10 +647,14 @@ class MetricsAccumulator:
             anomalous=state.n_anomalous,
             marked=state.marked,
             true_positive=state.true_positive,
+            far_normal=state.far_normal,
+            far_marked=state.far_marked,
         )
         metrics = self._metrics(state.normal, state.anomalous, counts, totals)
         metrics["shape"] = list(state.shape)
         metrics["_true_positive"] = state.true_positive
+        metrics["_far_normal"] = state.far_normal
+        metrics["_far_marked"] = state.far_marked
         return metrics, totals
 
     def _metrics(
@@ -657,6 +685,7 @@ class MetricsAccumulator:
             "best_threshold": best_threshold,
             "threshold": self.threshold,
             "normal_marked": _ratio(fp, n_normal),
+            "normal_marked_far": _ratio(counts["far_marked"], counts["far_normal"]),
             "valid_pixels": int(valid),
             "anomalous_pixels": int(n_anom),
             "normal_pixels": int(n_normal),
@@ -695,6 +724,8 @@ class MetricsAccumulator:
             ``auroc``, ``aupro`` (normalised, up to ``max_fpr``), ``f1``, ``precision``,
             ``recall`` (at the threshold), ``best_f1``, ``best_threshold`` (over the bin
             edges), ``threshold``, ``normal_marked`` (share of normal pixels marked),
+            ``normal_marked_far`` (the same, of normal pixels farther than ``margin`` from
+            any anomalous one),
             ``valid_pixels``, ``anomalous_pixels``, ``normal_pixels``, ``marked_pixels``,
             ``regions``, ``regions_hit``, ``regions_missed``, ``false_regions`` (mask
             components with no ground-truth pixel), ``false_regions_per_mpx``,
@@ -723,17 +754,21 @@ class MetricsAccumulator:
             warnings.warn(
                 f"images with blocks missing, counted as they are: {names}", UserWarning, stacklevel=2
             )
-        counts = {k: 0 for k in ("valid", "anomalous", "marked", "true_positive")}
+        counts = {k: 0 for k in ("valid", "anomalous", "marked", "true_positive", "far_normal", "far_marked")}
         for state in self._pending.values():
             counts["valid"] += state.valid
             counts["anomalous"] += state.n_anomalous
             counts["marked"] += state.marked
             counts["true_positive"] += state.true_positive
+            counts["far_normal"] += state.far_normal
+            counts["far_marked"] += state.far_marked
         for m in self._images.values():
             counts["valid"] += m["valid_pixels"]
             counts["anomalous"] += m["anomalous_pixels"]
             counts["marked"] += m["marked_pixels"]
             counts["true_positive"] += m["_true_positive"]
+            counts["far_normal"] += m["_far_normal"]
+            counts["far_marked"] += m["_far_marked"]
         if counts["anomalous"] == 0:
             raise GroundTruthError(
                 f"the ground truth of all {len(images)} image(s) holds no anomalous pixel (among "
@@ -769,6 +804,18 @@ class MetricsAccumulator:
             "threshold": self.threshold,
             "max_fpr": self.max_fpr,
         }
+
+
+def _near(gt: np.ndarray, margin: int) -> np.ndarray:
+    """Normal pixels within ``margin`` px (Euclidean) of an anomalous one."""
+    if margin <= 0 or not gt.any():
+        return np.zeros(gt.shape, dtype=bool)
+    return (ndimage.distance_transform_edt(~gt) <= margin) & ~gt
+
+
+def near_anomalies(gt: np.ndarray, margin: int = 32) -> np.ndarray:
+    """Public form of the ``near`` mask :meth:`MetricsAccumulator.add` uses by default."""
+    return _near(np.asarray(gt, dtype=bool), int(margin))
 
 
 def image_metrics(scores: np.ndarray, gt: np.ndarray, threshold: float, **kw: Any) -> dict[str, Any]:

@@ -70,7 +70,7 @@ import numpy as np
 from PIL import Image
 
 from anomaly_dask import AnomalyDetector
-from anomaly_dask.evaluation import MetricsAccumulator, read_ground_truth
+from anomaly_dask.evaluation import MetricsAccumulator, near_anomalies, read_ground_truth
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (jobs/peers.py, next to this script)
@@ -537,13 +537,14 @@ def evaluate(case: Case, run: Run) -> dict[str, Any]:
         gt = read_ground_truth(np.asarray(Image.open(gt_path).convert("L")))
         if gt.shape != scores.shape:
             raise ValueError(f"{case.name}/{test_path.name}: scores {scores.shape} vs ground truth {gt.shape}")
-        acc.add(scale(scores), gt, image=test_path.name)
+        near = near_anomalies(gt)  # beside a target: shares its tiles, not a false alarm of the seabed
+        acc.add(scale(scores), gt, image=test_path.name, near=near)
         marked = np.isfinite(scores) & (scores >= run.threshold)
         if case.regions is not None:
             labels = np.asarray(Image.open(case.regions[k]))
             nodata_marked += int((marked & (labels == 0)).sum())
             for code, name in REGION_KINDS.items():
-                sel = (labels == code) & ~gt
+                sel = (labels == code) & ~gt & ~near
                 kinds[name][0] += int(marked[sel].sum())
                 kinds[name][1] += int(sel.sum())
     metrics = acc.result()
@@ -570,7 +571,7 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-COLUMNS = ("case", "method", "AUROC", "AUPRO", "F1", "best F1", "normal marked", "requested rate",
+COLUMNS = ("case", "method", "AUROC", "AUPRO", "F1", "best F1", "normal marked", "far marked", "requested rate",
            "nadir marked", "edge marked", "seabed marked", "train s", "score s")
 
 
@@ -585,7 +586,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         else:
             cells = [
                 r["case"], r["method"], fmt(m.get("auroc")), fmt(m.get("aupro")), fmt(m.get("f1"), 3),
-                fmt(m.get("best_f1"), 3), fmt(m.get("normal_marked")), fmt(r.get("rate")),
+                fmt(m.get("best_f1"), 3), fmt(m.get("normal_marked")), fmt(m.get("normal_marked_far")),
+                fmt(r.get("rate")),
                 fmt(reg.get("nadir")), fmt(reg.get("edge")), fmt(reg.get("seabed")),
                 f"{r['train_s']:.0f}", f"{r['score_s']:.1f}",
             ]
@@ -725,7 +727,9 @@ def write_outputs(workdir: Path, args: argparse.Namespace, rate: float, cases: l
     text += (f"\n\nRequested rate: share of normal pixels each method is asked to mark ({rate:g} for the "
              "peers: their threshold is that quantile of their own validation pixel scores). Region "
              f"columns: share of normal pixels marked in nadir gaps, within {EDGE_PX} px of no-data "
-             "(swath edges) and on other seabed (sonar cases).\n")
+             "(swath edges) and on other seabed (sonar cases), leaving out pixels within 32 px of a "
+             "target. Far marked: share of normal pixels more than 32 px (one tile) from any anomalous "
+             "pixel that are marked; pixels closer share tiles with the anomaly.\n")
     (workdir / "results.md").write_text(text)
     payload = {
         "args": {k: v for k, v in vars(args).items() if k != "variant"},

@@ -1,6 +1,8 @@
 """The README example: train, save, load and test on ``example_dataset/``, then score it.
 
-Prints the pixel AUROC and F1 of the test masks against ``example_dataset/ground_truth/``.
+Prints the pixel AUROC, AUPRO, F1 and share of normal pixels marked against
+``example_dataset/ground_truth/`` (``AnomalyDetector.evaluate``), and writes its report to
+``example_dataset/output/report/``.
 
 Usage::
 
@@ -13,27 +15,9 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from sklearn.metrics import roc_auc_score
-
 from anomaly_dask import AnomalyDetector
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def evaluate(ad: AnomalyDetector, dataset: Path) -> tuple[float, float]:
-    """Pixel AUROC of the scores and F1 of the thresholded masks over all test images."""
-    truths, scores, masks = [], [], []
-    for truth_path in sorted((dataset / "ground_truth").glob("*.png")):
-        image = dataset / "test" / truth_path.name
-        s = ad.score_image(str(image))
-        truths.append(np.asarray(Image.open(truth_path)).ravel() > 0)
-        scores.append(s.ravel())
-        masks.append(s.ravel() >= ad.threshold_)
-    y, s, m = np.concatenate(truths), np.concatenate(scores), np.concatenate(masks)
-    f1 = 2.0 * (m & y).sum() / (m.sum() + y.sum())
-    return float(roc_auc_score(y, s)), float(f1)
 
 
 def main() -> None:
@@ -59,9 +43,12 @@ def main() -> None:
     for r in results:
         print(f"{Path(r['path']).name}: {r['anomalous_fraction']:.1%} anomalous, max score "
               f"{r['max_score']:.2f} -> {r['overlay_path']}")
-    auroc, f1 = evaluate(ad, d)
-    print(f"threshold {ad.threshold_:.3f}; train {t1 - t0:.1f} s, test {t2 - t1:.1f} s")
-    print(f"pixel AUROC {auroc:.4f}  F1 {f1:.3f}")
+    r = ad.evaluate(str(d / "test"), str(d / "ground_truth"), str(d / "output" / "report"))
+    print(f"threshold {ad.threshold_:.3f} (marks {ad.false_alarm_rate_:g} of normal pixels); "
+          f"train {t1 - t0:.1f} s, test {t2 - t1:.1f} s")
+    print(f"pixel AUROC {r['auroc']:.4f}  AUPRO {r['aupro']:.4f}  F1 {r['f1']:.3f} (best {r['best_f1']:.3f})  "
+          f"normal pixels marked {r['normal_marked']:.4f} ({r['normal_marked_far']:.4f} beyond 32 px of an anomaly); "
+          f"report in {d / 'output' / 'report'}")
 
 
 if __name__ == "__main__":

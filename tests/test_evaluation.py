@@ -16,6 +16,7 @@ from anomaly_dask.evaluation import (
     MetricsAccumulator,
     aupro_from_curve,
     image_metrics,
+    near_anomalies,
     pro_curve,
     read_ground_truth,
     roc_curve_from_hist,
@@ -227,13 +228,16 @@ def blocks_of(scores: np.ndarray, gt: np.ndarray) -> list[tuple[np.ndarray, np.n
 
 def test_blocks_give_the_whole_image_result() -> None:
     scores, gt = mosaic_case()
-    whole = MetricsAccumulator(threshold=4.5, pixel_area_m2=0.01)
+    whole = MetricsAccumulator(threshold=4.5, pixel_area_m2=0.01, margin=3)
     whole.add(scores, gt, image="mosaic")
     expected = whole.result()
+    assert expected["normal_marked_far"] is not None
 
-    acc = MetricsAccumulator(threshold=4.5, pixel_area_m2=0.01)
+    acc = MetricsAccumulator(threshold=4.5, pixel_area_m2=0.01, margin=3)
+    near = near_anomalies(gt, 3)  # from the whole mask, as evaluate() reads it with a margin
     for s, g, offset in blocks_of(scores, gt):
-        acc.add(s, g, image="mosaic", offset=offset, shape=gt.shape)
+        y, x = offset
+        acc.add(s, g, image="mosaic", offset=offset, shape=gt.shape, near=near[y : y + s.shape[0], x : x + s.shape[1]])
     got = acc.result()
 
     regions = ndimage.label(gt, EIGHT)[1]
@@ -427,7 +431,7 @@ def evaluated(tmp_path_factory):
         gt[40:80, 60:110] = 255
         Image.fromarray(img).save(root / "test" / f"t{k}.png")
         Image.fromarray(gt).save(root / "gt" / f"t{k}_mask.png")
-    ad = AnomalyDetector(**{**FAST, "chunk_size": 64}).train(
+    ad = AnomalyDetector(**{**FAST, "chunk_size": 64, "false_alarm_rate": 0.05}).train(
         [texture(160, 192, 1), texture(160, 192, 2)], [texture(160, 192, 3)]
     )
     result = ad.evaluate(str(root / "test"), str(root / "gt"), str(root / "report"))
@@ -447,7 +451,7 @@ def test_evaluate_scores_chunk_by_chunk_and_writes_the_report(evaluated):
         gt = np.asarray(Image.open(evaluated["root"] / "gt" / f"t{k}_mask.png")) > 0
         whole.add(ad.score_image(str(evaluated["root"] / "test" / f"t{k}.png")), gt, image=f"t{k}")
     ref = whole.result()
-    for key in ("auroc", "aupro", "f1", "normal_marked", "false_regions"):
+    for key in ("auroc", "aupro", "f1", "normal_marked", "normal_marked_far", "false_regions"):
         assert r[key] == pytest.approx(ref[key], abs=1e-6), key
     for name in ("metrics.json", "roc.png", "pro.png", "histogram.png", "t0_gt_overlay.png"):
         assert (evaluated["root"] / "report" / name).stat().st_size > 0
@@ -494,3 +498,24 @@ def test_cli_evaluate_prints_metrics_and_writes_the_report(evaluated, tmp_path, 
     code = main(["evaluate", model, str(root / "test"), "--ground-truth", str(tmp_path), "--output",
                  str(tmp_path / "rep2"), "-q"])
     assert code == 1 and "no ground truth" in capsys.readouterr().err
+
+
+def test_normal_marked_far_leaves_out_pixels_beside_anomalies():
+    gt = np.zeros((100, 100), bool)
+    gt[40:50, 40:50] = True
+    scores = np.zeros((100, 100))
+    scores[35:55, 35:55] = 5.0  # the anomaly and a 5 px halo around it
+    scores[0, :10] = 5.0  # 10 false alarms far from it
+    m = image_metrics(scores, gt, threshold=1.0, margin=8)
+    normal = 100 * 100 - 100
+    assert m["normal_marked"] == pytest.approx((20 * 20 - 100 + 10) / normal)
+    far = normal - int(((ndimage.distance_transform_edt(~gt) <= 8) & ~gt).sum())
+    assert m["normal_marked_far"] == pytest.approx(10 / far)
+    # blocks with their own near masks give the same as the whole image
+    acc = MetricsAccumulator(threshold=1.0, margin=8)
+    near = near_anomalies(gt, 8)
+    for y in (0, 50):
+        for x in (0, 50):
+            acc.add(scores[y : y + 50, x : x + 50], gt[y : y + 50, x : x + 50], image="i", offset=(y, x),
+                    shape=(100, 100), near=near[y : y + 50, x : x + 50])
+    assert acc.result()["normal_marked_far"] == pytest.approx(m["normal_marked_far"])

@@ -124,3 +124,10 @@ def test_header_length_starting_with_pickle_magic_still_loads(tmp_path):
         pytest.fail("no header length with a low byte of 0x80 was produced")
     config, tensors, _ = read_model(str(path))
     assert config["pad"] == "x" * pad and tensors["a"].shape == (2,)
+
+
+def test_older_format_version_is_refused_with_a_retrain_message(fast_model, tmp_path):
+    path, data = _saved(fast_model, tmp_path)
+    _rewrite_metadata(path, data, lambda meta: meta.update(format_version="1"))
+    with pytest.raises(ModelFileError, match=r"version 1 \(uncalibrated.*retrain"):
+        AnomalyDetector.load(str(path))
