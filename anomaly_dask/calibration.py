@@ -21,9 +21,10 @@ than the class would (see :meth:`Calibration.apply`). A group with fewer than
 with too few to the pooled sample. Within a group, scores up
 to the top ``tail`` samples (at most a tenth of the group) follow the empirical conformal
 p-value; beyond them the
-survival decays exponentially (peaks over a threshold with an exponential excess
-distribution, its scale the mean excess), so that scores stay ordered past the largest
-calibration sample instead of saturating at ``1 / (n + 1)``.
+survival follows a generalised Pareto distribution fitted to the excesses by moments
+(peaks over a threshold), so that scores stay ordered past the largest calibration sample
+instead of saturating at ``1 / (n + 1)``, and a light tail is not extrapolated as an
+exponential one.
 
 Pure numpy: no IO, no Dask.
 """
@@ -125,27 +126,60 @@ def decision_rule(
     return threshold_for_rate(rate), rate
 
 
-def _curve(sorted_scores: np.ndarray, n_knots: int, tail: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Knots (raw scores, increasing), calibrated values at them and the tail slope.
+#: Range of the fitted tail shape (generalised Pareto); 0 is an exponential tail.
+SHAPE_RANGE = (-0.5, 0.45)
+
+#: Share of the way to a light tail's end point (shape < 0) past which the calibrated score
+#: rises linearly instead of without bound.
+END_SHARE = 0.99
+
+
+def _curve(sorted_scores: np.ndarray, n_knots: int, tail: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Knots (raw scores, increasing), calibrated values at them, and the tail's shape and
+    scale.
 
     The value at raw score ``s`` is ``-log10((1 + #{x >= s}) / (n + 1))`` over the ``n``
-    calibration scores; beyond the knot at the top ``tail`` samples it rises by
-    ``1 / (beta ln 10)`` per unit score, ``beta`` the mean excess of those samples.
+    calibration scores. Beyond the knot at the top ``tail`` samples, their excesses over it
+    follow a generalised Pareto distribution whose shape and scale are fitted by moments
+    (shape clipped to :data:`SHAPE_RANGE`): an exponential tail when the excesses' mean and
+    standard deviation agree, a lighter one (shape < 0) or a heavier one (shape > 0) when
+    they do not.
     """
     x = np.asarray(sorted_scores, dtype=np.float64)
     n = len(x)
     k = int(min(max(1, tail), max(1, n // 10), n - 1))  # the top tenth at most
     u = x[n - k - 1]  # the tail starts above the (k + 1)-th largest score
-    beta = float(np.mean(x[n - k :] - u))
+    excess = x[n - k :] - u
+    mean = float(excess.mean())
     spread = float(x[-1] - x[0])
-    beta = max(beta, 1e-6 * max(spread, 1e-6))
+    mean = max(mean, 1e-6 * max(spread, 1e-6))
+    var = float(excess.var())
+    shape = 0.5 * (1.0 - mean * mean / var) if var > 0 else SHAPE_RANGE[0]
+    shape = float(np.clip(shape, *SHAPE_RANGE))
+    scale = mean * (1.0 - shape)  # the mean excess of a generalised Pareto is scale / (1 - shape)
     p_u = (k + 2) / (n + 1)
     survival = np.geomspace(1.0, p_u, n_knots)
     idx = np.clip(n - np.round(survival * (n + 1)).astype(np.int64), 0, n - k - 1)
     knots = np.unique(np.r_[x[idx], u])
     at_least = n - np.searchsorted(x, knots, side="left")
     values = -np.log10((1.0 + at_least) / (n + 1.0))
-    return knots, values, 1.0 / (beta * log(10.0))
+    return knots, values, shape, scale
+
+
+def _tail_value(t: np.ndarray, shape: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``-log10`` of a generalised Pareto survival at excess ``t >= 0`` (relative to the
+    survival at the tail's start), continued linearly near a light tail's end point."""
+    t = np.asarray(t, dtype=np.float64)
+    out = t / (scale * log(10.0))  # shape 0: exponential
+    curved = shape != 0
+    if curved.any():
+        xi, sc, tt = shape[curved], scale[curved], t[curved]
+        end = np.where(xi < 0, END_SHARE * sc / np.maximum(-xi, 1e-12), np.inf)
+        head = np.minimum(tt, end)
+        v = np.log10(1.0 + xi * head / sc) / xi
+        slope_end = 1.0 / (log(10.0) * (sc + xi * np.where(np.isfinite(end), end, 0.0)))
+        out[curved] = v + np.where(tt > head, (tt - head) * slope_end, 0.0)
+    return out
 
 
 @dataclass
@@ -162,8 +196,8 @@ class Calibration:
         Raw scores of each group's curve, strictly increasing along each row.
     values : ndarray (G, K)
         Calibrated scores at the knots (0 at the first knot).
-    tail_slope : ndarray (G,)
-        Calibrated units per raw unit beyond each group's last knot.
+    tail_shape, tail_scale : ndarray (G,)
+        Generalised Pareto shape and scale of each group's tail beyond its last knot.
     counts : ndarray (G,)
         Calibration pixels of each group.
     parents : ndarray of int (G,)
@@ -174,7 +208,8 @@ class Calibration:
     table: np.ndarray
     knots: np.ndarray
     values: np.ndarray
-    tail_slope: np.ndarray
+    tail_shape: np.ndarray
+    tail_scale: np.ndarray
     counts: np.ndarray
     parents: np.ndarray
 
@@ -182,7 +217,7 @@ class Calibration:
         self.distance_edges = np.ascontiguousarray(self.distance_edges, dtype=np.float32)
         self.table = np.ascontiguousarray(self.table, dtype=np.int64)
         self.parents = np.ascontiguousarray(self.parents, dtype=np.int64)
-        for name in ("knots", "values", "tail_slope", "counts"):
+        for name in ("knots", "values", "tail_shape", "tail_scale", "counts"):
             setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float64))
 
     @property
@@ -211,7 +246,8 @@ class Calibration:
         k0, k1 = self.knots.ravel()[j], self.knots.ravel()[j + 1]
         v0, v1 = self.values.ravel()[j], self.values.ravel()[j + 1]
         t = np.clip((inside - k0) / (k1 - k0), 0.0, 1.0)
-        return v0 + t * (v1 - v0) + np.maximum(s - hi, 0.0) * self.tail_slope[g]
+        beyond = np.maximum(s - hi, 0.0)
+        return v0 + t * (v1 - v0) + _tail_value(beyond, self.tail_shape[g], self.tail_scale[g])
 
     def apply(self, scores: np.ndarray, labels: np.ndarray, distance: np.ndarray | None) -> np.ndarray:
         """Calibrated scores (``-log10`` p-values, float32) of raw pixel scores.
@@ -254,7 +290,8 @@ class Calibration:
             "table": self.table.astype(np.int32),
             "knots": self.knots,
             "values": self.values,
-            "tail_slope": self.tail_slope,
+            "tail_shape": self.tail_shape,
+            "tail_scale": self.tail_scale,
             "counts": self.counts,
             "parents": self.parents.astype(np.int32),
         }
@@ -295,7 +332,7 @@ def fit_calibration(
     min_samples : int
         Fewest calibration pixels a group needs; smaller ones fall back to the coarser group.
     tail : int, optional
-        Samples in each group's exponential tail (at most a tenth of the group's);
+        Samples in each group's fitted tail (at most a tenth of the group's);
         default ``max(30, n / 1000)``. Choose it so the tail holds enough
         *independent* samples: neighbouring pixel scores are strongly correlated.
     n_knots : int
@@ -317,7 +354,7 @@ def fit_calibration(
             "calibration got fewer than 2 valid validation pixels; give larger or more validation images"
         )
     m = len(distance_edges)
-    curves: list[tuple[np.ndarray, np.ndarray, float, int]] = []
+    curves: list[tuple[np.ndarray, np.ndarray, float, float, int]] = []
     parents: list[int] = []
 
     def add(sel: np.ndarray, parent: int) -> int:
@@ -342,20 +379,22 @@ def fit_calibration(
             for c in np.flatnonzero(counts >= min_samples):
                 table[d, c] = add(in_class & (labels == c), cls)
     # one rectangular array: extend shorter curves along their own tail
-    width = max(2, max(len(k) for k, _, _, _ in curves))
+    width = max(2, max(len(c[0]) for c in curves))
     knots = np.empty((len(curves), width))
     values = np.empty((len(curves), width))
-    for i, (k, v, slope, _) in enumerate(curves):
+    for i, (k, v, shape, scale, _) in enumerate(curves):
         extra = width - len(k)
         step = max(1e-9, 1e-6 * abs(float(k[-1])))
-        knots[i] = np.r_[k, k[-1] + step * np.arange(1, extra + 1)]
-        values[i] = np.r_[v, v[-1] + slope * step * np.arange(1, extra + 1)]
+        pad = step * np.arange(1, extra + 1)
+        knots[i] = np.r_[k, k[-1] + pad]
+        values[i] = np.r_[v, v[-1] + _tail_value(pad, np.full(extra, shape), np.full(extra, scale))]
     return Calibration(
         distance_edges=np.asarray(distance_edges, dtype=np.float32),
         table=table,
         knots=knots,
         values=values,
-        tail_slope=np.array([c[2] for c in curves]),
-        counts=np.array([c[3] for c in curves], dtype=np.float64),
+        tail_shape=np.array([c[2] for c in curves]),
+        tail_scale=np.array([c[3] for c in curves]),
+        counts=np.array([c[4] for c in curves], dtype=np.float64),
         parents=np.array(parents, dtype=np.int64),
     )

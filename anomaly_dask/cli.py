@@ -63,6 +63,7 @@ _HELP = {
     "threshold": "threshold mode manual: calibrated score (-log10 of the normal share), e.g. 3",
     "false_alarm_rate": "share of normal pixels marked (calibrated on validation pixels)",
     "calibration_groups": "calibration groups: centroid (within distance to no-data), distance, global",
+    "memory_size": "coreset of training tiles scored against (0: distance to centroids)",
     "auto_threshold": "learn the threshold (--no-auto-threshold: manual --threshold)",
     "overlay_color": "overlay colour as R G B", "overlay_opacity": "overlay opacity in [0, 1]",
     "val_fraction": "share of training images (or regions) used for validation without --val",

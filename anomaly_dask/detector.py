@@ -38,7 +38,7 @@ MIN_GROUP_SAMPLES = 1000
 
 #: Neighbouring pixel scores share most of their tiles, so a tile's area of pixels is about
 #: one independent sample. Each group's empirical curve stops where this many tiles' worth
-#: of its samples remain above; beyond, its tail is exponential, fitted on those samples.
+#: of its samples remain above; beyond, its tail is a generalised Pareto fitted on those samples.
 TAIL_TILES = 30
 
 #: Backbone context (network pixels) added around each window's tiles in dense mode.
@@ -265,6 +265,7 @@ class AnomalyDetector:
                 client, extractor, train_units,
                 pca_variance=s["pca_variance"], n_clusters=s["kmeans_clusters"],
                 n_init=s["kmeans_trials"], max_fit_tiles=s["max_fit_tiles"], random_state=seed,
+                memory_size=s["memory_size"],
             )
             self._calibrate(client, local_extractor, extractor, dictionary, val_units, s)
         self.dictionary_ = dictionary

@@ -18,6 +18,7 @@ from .errors import ParameterError
 
 __all__ = [
     "Dictionary",
+    "coreset",
     "fit_projection",
     "init_kmeans",
 ]
@@ -34,7 +35,12 @@ class Dictionary:
     scaler_mean, scaler_scale : ndarray (d,)
         StandardScaler fitted on the PCA projections.
     centroids : ndarray (k, d)
-        k-means centres of normal tiles, in scaled PCA space.
+        k-means centres of normal tiles, in scaled PCA space. They label tiles (the
+        calibration groups) and, without ``memory``, score them.
+    memory : ndarray (m, d), optional
+        A coreset of normal tiles in scaled PCA space (see :func:`coreset`): when set, a
+        tile's score is its distance to the nearest of them, so rare normal appearance
+        that no centroid stands for still finds a close neighbour.
     calibration : Calibration, optional
         Curves from raw pixel scores to calibrated ones (see
         :mod:`anomaly_dask.calibration`); None before calibration.
@@ -45,6 +51,7 @@ class Dictionary:
     scaler_mean: np.ndarray
     scaler_scale: np.ndarray
     centroids: np.ndarray | None = None
+    memory: np.ndarray | None = None
     calibration: Calibration | None = None
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -59,7 +66,8 @@ class Dictionary:
         return ((z - self.scaler_mean) / self.scaler_scale).astype(np.float32)
 
     def score(self, features: np.ndarray, n_neighbors: int = 1) -> np.ndarray:
-        """Mean Euclidean distance of each tile to its ``n_neighbors`` nearest centroids.
+        """Mean Euclidean distance of each tile to its ``n_neighbors`` nearest memory tiles
+        (or centroids, without a memory).
 
         Parameters
         ----------
@@ -80,16 +88,10 @@ class Dictionary:
             raise RuntimeError("dictionary has no centroids yet")
         lead = features.shape[:-1]
         z = self.transform(features.reshape(-1, features.shape[-1]))
-        c = self.centroids.astype(np.float32)
-        d2 = (z * z).sum(1)[:, None] - 2.0 * z @ c.T + (c * c).sum(1)[None, :]
-        d = np.sqrt(np.maximum(d2, 0.0))
-        k = min(n_neighbors, c.shape[0])
-        labels = d.argmin(axis=1)
-        if k == 1:
-            s = d[np.arange(len(d)), labels]
-        else:
-            s = np.partition(d, k - 1, axis=1)[:, :k].mean(axis=1)
-        return s.astype(np.float32).reshape(lead), labels.reshape(lead)
+        d, labels = _nearest(z, self.centroids, n_neighbors if self.memory is None else 1)
+        if self.memory is not None:
+            d, _ = _nearest(z, self.memory, n_neighbors)
+        return d.astype(np.float32).reshape(lead), labels.reshape(lead)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """All arrays by name (for the model file); calibration arrays as ``calibration.<name>``."""
@@ -101,6 +103,8 @@ class Dictionary:
         }
         if self.centroids is not None:
             out["centroids"] = self.centroids
+        if self.memory is not None:
+            out["memory"] = self.memory
         out = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
         if self.calibration is not None:
             out.update({f"calibration.{k}": np.ascontiguousarray(v) for k, v in self.calibration.arrays().items()})
@@ -115,6 +119,62 @@ class Dictionary:
         if cal:
             d.calibration = Calibration(**cal)
         return d
+
+
+def _nearest(z: np.ndarray, points: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Mean distance of each row of ``z`` to its ``k`` nearest ``points`` and the nearest's
+    index, in row blocks (the distance matrix of a block at a time)."""
+    c = np.ascontiguousarray(points, dtype=np.float32)
+    cc = (c * c).sum(1)[None, :]
+    k = min(k, len(c))
+    dist = np.empty(len(z), dtype=np.float32)
+    index = np.empty(len(z), dtype=np.int64)
+    for i in range(0, len(z), block):
+        zb = z[i : i + block]
+        d2 = np.maximum((zb * zb).sum(1)[:, None] - 2.0 * zb @ c.T + cc, 0.0)
+        index[i : i + block] = d2.argmin(axis=1)
+        if k == 1:
+            dist[i : i + block] = np.sqrt(d2[np.arange(len(zb)), index[i : i + block]])
+        else:
+            dist[i : i + block] = np.sqrt(np.partition(d2, k - 1, axis=1)[:, :k]).mean(axis=1)
+    return dist, index
+
+
+def coreset(projected: np.ndarray, size: int, random_state: int | None, dims: int = 32) -> np.ndarray:
+    """Greedy k-centre coreset: ``size`` rows of ``projected`` that cover it evenly.
+
+    Starting from a random row, each step adds the row farthest from those chosen, so
+    rare appearance gets members of its own instead of being averaged into a centroid.
+    Distances are measured after a seeded random projection to at most ``dims``
+    dimensions (as PatchCore does), which keeps the selection fast.
+
+    Parameters
+    ----------
+    projected : ndarray (n, d)
+        Tile features in scaled PCA space (a bounded sample of the training tiles).
+    size : int
+        Rows kept (all of them when there are fewer).
+    random_state : int or None
+        Seed of the projection and the first row.
+
+    Returns
+    -------
+    ndarray (min(size, n), d) of float32
+    """
+    n, d = projected.shape
+    if size >= n:
+        return np.ascontiguousarray(projected, dtype=np.float32)
+    rng = np.random.default_rng(random_state)
+    x = projected.astype(np.float32)
+    if d > dims:
+        x = x @ (rng.standard_normal((d, dims)).astype(np.float32) / np.sqrt(dims))
+    chosen = np.empty(size, dtype=np.int64)
+    chosen[0] = rng.integers(n)
+    nearest = ((x - x[chosen[0]]) ** 2).sum(1)
+    for i in range(1, size):
+        chosen[i] = int(nearest.argmax())
+        np.minimum(nearest, ((x - x[chosen[i]]) ** 2).sum(1), out=nearest)
+    return np.ascontiguousarray(projected[np.sort(chosen)], dtype=np.float32)
 
 
 def fit_projection(sample: np.ndarray, variance: float, random_state: int | None) -> Dictionary:

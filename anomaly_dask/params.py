@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     # --- anomaly_dask's own ---
     "false_alarm_rate": 1e-3,
     "calibration_groups": "centroid",
+    "memory_size": 10_000,
     "features": "dense",
     "backbone": "efficientnet_lite0",
     "weights": "imagenet",
@@ -163,6 +164,7 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
                 f"{out[f'tile_{axis}']}; use a chunk of at least one tile"
             )
     out["max_fit_tiles"] = _int("max_fit_tiles", p["max_fit_tiles"], 2)
+    out["memory_size"] = _int("memory_size", p["memory_size"], 0)
     out["max_train_chunks"] = _int("max_train_chunks", p["max_train_chunks"], 1)
     if p["nodata"] is not None:
         out["nodata"] = _real("nodata", p["nodata"], float("-inf"), float("inf"), False, False) if p["nodata"] == p["nodata"] else float("nan")

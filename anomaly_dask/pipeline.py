@@ -21,7 +21,7 @@ import dask.array as da
 import numpy as np
 
 from .calibration import DISTANCE_EDGES
-from .dictionary import Dictionary, fit_projection, init_kmeans
+from .dictionary import Dictionary, coreset, fit_projection, init_kmeans
 from .features import FeatureConfig, tile_features
 from .grid import (
     TileGrid,
@@ -412,6 +412,7 @@ def train_dictionary(
     n_init: int,
     max_fit_tiles: int,
     random_state: int,
+    memory_size: int = 0,
     batch_size: int = 4096,
 ) -> Dictionary:
     """Fit PCA, scaler and MiniBatchKMeans on the tiles of ``units``, streaming chunk results.
@@ -431,6 +432,9 @@ def train_dictionary(
         Fraction of variance kept; k-means clusters and restarts of the seeding k-means.
     max_fit_tiles : int
         Largest number of tile features held at once.
+    memory_size : int
+        Tiles of the coreset memory chosen from the projected sample (0: none; see
+        :func:`~anomaly_dask.dictionary.coreset`).
     random_state : int
         Seed of sampling, PCA and k-means.
     batch_size : int
@@ -454,6 +458,9 @@ def train_dictionary(
     projected = dictionary.transform(sample)
     log.info("PCA keeps %d components; seeding k-means (k=%d)", projected.shape[1], n_clusters)
     mbk = init_kmeans(projected, n_clusters, n_init, random_state, batch_size)
+    if memory_size:
+        dictionary.memory = coreset(projected, memory_size, random_state)
+        log.info("coreset memory of %d of %d sampled tiles", len(dictionary.memory), len(projected))
     del sample, projected
     if complete:
         parts: Iterable[np.ndarray] = (dictionary.transform(p) for p in sample_parts)

@@ -36,14 +36,29 @@ def test_calibrated_scores_match_a_numpy_reference_in_the_body():
 def test_the_tail_keeps_scores_ordered_beyond_the_largest_sample():
     rng = np.random.default_rng(1)
     x = rng.exponential(1.0, 20_000)
-    cal = fit_calibration(x, np.zeros(len(x), np.int64), np.zeros(len(x), np.int64), 1, np.zeros(0))
+    zeros = np.zeros(len(x), np.int64)
+    cal = fit_calibration(x, zeros, zeros, 1, np.zeros(0), tail=2000)
     q = np.linspace(x.max(), x.max() + 10, 50)
     v = cal.apply(q, np.zeros(50, np.int64), None)
     assert (np.diff(v) > 0).all()
-    # exponential data: the fitted tail decays about as fast as the truth (log10 e per unit)
-    slope = (v[-1] - v[0]) / 10
-    assert slope == pytest.approx(np.log10(np.e), rel=0.3)
+    # exponential data: the fitted tail is about exponential (shape near 0) and decays about
+    # as fast as the truth, log10(e) per unit
+    assert abs(cal.tail_shape[0]) < 0.1
+    assert (v[-1] - v[0]) / 10 == pytest.approx(np.log10(np.e), rel=0.3)
     assert np.isnan(cal.apply(np.array([np.nan]), np.zeros(1, np.int64), None)).all()
+
+
+def test_a_light_tail_is_not_extrapolated_as_an_exponential_one():
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.normal(0.0, 1.0, 200_000))  # half-normal: lighter than exponential
+    zeros = np.zeros(len(x), np.int64)
+    cal = fit_calibration(x, zeros, zeros, 1, np.zeros(0), tail=20_000)  # the tail from p = 0.1
+    assert cal.tail_shape[0] < -0.05
+    # at the true 1e-4 quantile the calibrated value is about 4 (an exponential fit gives less)
+    from scipy.stats import halfnorm
+
+    q = halfnorm.isf(1e-4)
+    assert cal.apply(np.array([q]), np.zeros(1, np.int64), None)[0] == pytest.approx(4.0, abs=0.5)
 
 
 def test_groups_fall_back_to_their_distance_class_then_to_all():

@@ -38,3 +38,28 @@ def test_arrays_round_trip_with_the_calibration():
     q = rng.random(100) * 1.2
     labels = rng.integers(0, 2, 100)
     np.testing.assert_array_equal(back.calibration.apply(q, labels, None), d.calibration.apply(q, labels, None))
+
+
+def test_memory_scores_by_the_nearest_member_and_centroids_still_label():
+    d = _dictionary()
+    d.memory = np.array([[0.0, 0.0], [10.0, 0.0], [20.0, 20.0]])
+    s, labels = d.score_and_label(np.array([[19.0, 20.0], [1.0, 0.0]]))
+    np.testing.assert_allclose(s, [1.0, 1.0], rtol=1e-6)  # centroids alone: hypot(9, 20) and 1
+    assert labels.tolist() == [1, 0]
+    back = Dictionary.from_arrays(d.arrays())
+    np.testing.assert_array_equal(back.memory, d.memory)
+
+
+def test_coreset_keeps_rare_appearance_that_random_sampling_misses():
+    from anomaly_dask.dictionary import coreset
+
+    rng = np.random.default_rng(0)
+    common = rng.normal(0.0, 1.0, (20_000, 40))
+    rare = rng.normal(0.0, 1.0, (40, 40)) + 12.0  # 0.2 %: a nadir band, say
+    x = np.concatenate([common, rare]).astype(np.float32)
+    kept = coreset(x, 200, random_state=0)
+    assert kept.shape == (200, 40)
+    assert (kept.mean(axis=1) > 6).sum() >= 10  # greedy cover reaches the rare group
+    random_pick = x[rng.choice(len(x), 200, replace=False)]
+    assert (random_pick.mean(axis=1) > 6).sum() <= 3
+    assert coreset(x[:50], 200, random_state=0).shape == (50, 40)  # fewer rows than asked: all
