@@ -13,6 +13,7 @@ from .errors import (
     InputNotFoundError,
     ModelFileError,
     NotFittedError,
+    OutputError,
     ParameterError,
     WeightsNotFoundError,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "InputNotFoundError",
     "ModelFileError",
     "NotFittedError",
+    "OutputError",
     "ParameterError",
     "WeightsNotFoundError",
 ]

@@ -36,7 +36,7 @@ from math import erfc, log, sqrt
 
 import numpy as np
 
-from .errors import ParameterError
+from .errors import ModelFileError, ParameterError
 
 __all__ = [
     "DISTANCE_EDGES",
@@ -124,6 +124,43 @@ def decision_rule(
         raise ParameterError(f"threshold_mode={mode!r} is invalid; use None, 'cdf', 'zscore' or 'manual'")
     rate = min(1.0, max(float(rate), 1e-300))
     return threshold_for_rate(rate), rate
+
+
+def check_array(
+    name: str, value: np.ndarray, dtype: type | np.dtype, shape: tuple[int | None, ...]
+) -> np.ndarray:
+    """Check an array read from a model file: its dtype, its shape and, for floats, finiteness.
+
+    Parameters
+    ----------
+    name : str
+        Tensor name used in messages (as in the model file).
+    value : ndarray
+    dtype : numpy dtype
+        The exact dtype expected.
+    shape : tuple of int or None
+        Expected shape; None accepts any length along that axis.
+
+    Returns
+    -------
+    ndarray
+        ``value``, unchanged.
+
+    Raises
+    ------
+    ModelFileError
+        Naming the tensor and what is wrong with it.
+    """
+    expected = np.dtype(dtype)
+    if not isinstance(value, np.ndarray) or value.dtype != expected:
+        found = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+        raise ModelFileError(f"{name}: dtype {found} where {expected} is expected")
+    wanted = "(" + ", ".join("n" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+    if value.ndim != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
+        raise ModelFileError(f"{name}: shape {value.shape} where {wanted} is expected")
+    if expected.kind == "f" and not np.isfinite(value).all():
+        raise ModelFileError(f"{name}: holds NaN or infinite values")
+    return value
 
 
 #: Range of the fitted tail shape (generalised Pareto); 0 is an exponential tail.
@@ -299,6 +336,78 @@ class Calibration:
     def summary(self) -> dict[str, int]:
         """Groups and calibration pixels (the pooled group holds them all)."""
         return {"groups": self.n_groups, "pixels": int(self.counts[0])}
+
+    @staticmethod
+    def check_arrays(arrays: dict[str, np.ndarray], n_labels: int) -> None:
+        """Check calibration arrays read from a model file (names as :meth:`arrays` gives).
+
+        Rules: exactly the names of :meth:`arrays` with their dtypes; ``distance_edges``
+        (m,) with m at most ``len(DISTANCE_EDGES)``, positive and strictly decreasing;
+        ``knots`` and ``values`` (G, K) with G >= 1 and K >= 2, knots non-negative and
+        strictly increasing along each row, values non-negative; ``tail_shape``,
+        ``tail_scale``, ``counts`` and ``parents`` (G,), shapes within :data:`SHAPE_RANGE`,
+        scales positive, counts non-negative, each parent -1 or an earlier group (so the
+        fallback chain ends); ``table`` (m + 1, n_labels) of groups in ``[0, G)``, G at most
+        ``1 + (m + 1) (n_labels + 1)``. Every float finite.
+
+        Parameters
+        ----------
+        arrays : dict of str to ndarray
+            Without the ``calibration.`` prefix.
+        n_labels : int
+            Number of centroids of the dictionary.
+
+        Raises
+        ------
+        ModelFileError
+            Naming the first array that breaks a rule (``dictionary.calibration.<name>``).
+        """
+        dtypes = {
+            "distance_edges": np.float32, "table": np.int32, "knots": np.float64, "values": np.float64,
+            "tail_shape": np.float64, "tail_scale": np.float64, "counts": np.float64, "parents": np.int32,
+        }
+        prefix = "dictionary.calibration."
+        missing, unknown = sorted(set(dtypes) - set(arrays)), sorted(set(arrays) - set(dtypes))
+        if missing or unknown:
+            raise ModelFileError(
+                f"{prefix}*: calibration tensors missing {[prefix + k for k in missing]}, "
+                f"unknown {[prefix + k for k in unknown]}"
+            )
+
+        def get(name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+            return check_array(prefix + name, arrays[name], dtypes[name], shape)
+
+        edges = get("distance_edges", (None,))
+        m = len(edges)
+        if m > len(DISTANCE_EDGES) or (edges <= 0).any() or (np.diff(edges) >= 0).any():
+            raise ModelFileError(
+                f"{prefix}distance_edges: {m} edges {edges.tolist()[:8]}; at most "
+                f"{len(DISTANCE_EDGES)} positive, strictly decreasing ones are expected"
+            )
+        knots = get("knots", (None, None))
+        n_groups, n_knots = knots.shape
+        most = 1 + (m + 1) * (n_labels + 1)
+        if not 1 <= n_groups <= most or n_knots < 2:
+            raise ModelFileError(
+                f"{prefix}knots: shape {knots.shape}; 1 to {most} groups of at least 2 knots are expected"
+            )
+        if (knots < 0).any() or (np.diff(knots, axis=1) <= 0).any():
+            raise ModelFileError(f"{prefix}knots: must be non-negative and strictly increasing along each row")
+        if (get("values", (n_groups, n_knots)) < 0).any():
+            raise ModelFileError(f"{prefix}values: calibrated scores must be non-negative")
+        shape = get("tail_shape", (n_groups,))
+        if ((shape < SHAPE_RANGE[0]) | (shape > SHAPE_RANGE[1])).any():
+            raise ModelFileError(f"{prefix}tail_shape: must lie in {list(SHAPE_RANGE)}")
+        if (get("tail_scale", (n_groups,)) <= 0).any():
+            raise ModelFileError(f"{prefix}tail_scale: must be positive")
+        if (get("counts", (n_groups,)) < 0).any():
+            raise ModelFileError(f"{prefix}counts: must be non-negative")
+        parents = get("parents", (n_groups,))
+        if ((parents < -1) | (parents >= np.arange(n_groups))).any():
+            raise ModelFileError(f"{prefix}parents: each must be -1 or the index of an earlier group")
+        table = get("table", (m + 1, max(1, n_labels)))
+        if ((table < 0) | (table >= n_groups)).any():
+            raise ModelFileError(f"{prefix}table: groups must be in [0, {n_groups})")
 
 
 def fit_calibration(

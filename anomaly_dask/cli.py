@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, description="CNN-tile anomaly detection for very large images on Dask.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,detect,evaluate}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,detect,evaluate,keygen}", required=True)
     names = [n for n in DEFAULTS if n not in _SKIPPED]
 
     train = sub.add_parser("train", help="learn a model from anomaly-free images",
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("train", metavar="TRAIN", help="training image or folder (path or URL)")
     train.add_argument("--val", metavar="VAL", help="validation image or folder for the threshold")
     train.add_argument("--model", required=True, metavar="OUT_MODEL", help="model file to write (.safetensors)")
+    train.add_argument("--signing-key", metavar="PATH",
+                       help="sign the model with this Ed25519 private key (PEM, from anomaly-dask keygen)")
     _add_common_options(train)
     _add_detector_options(train, names)
 
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--overwrite", action="store_true",
                         help="replace stores written by another model or parameters")
     detect.add_argument("--no-quicklook", action="store_true", help="do not write quicklook.png")
+    detect.add_argument("--trusted-key", dest="trusted_keys", action="append", default=None, metavar="PATH",
+                        help="load the model only if signed by this Ed25519 public key (PEM); repeatable")
     _add_common_options(detect)
     _add_detector_options(detect, [n for n in names if n in RUNTIME])
 
@@ -200,8 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
                                "(<stem>.*, <stem>_mask.*, <stem>_gt.*); 0 normal, one positive value anomalous")
     evaluate.add_argument("--output", required=True, metavar="DIR", help="report folder/URL")
     evaluate.add_argument("--no-overlays", action="store_true", help="do not write per-image overlays")
+    evaluate.add_argument("--trusted-key", dest="trusted_keys", action="append", default=None, metavar="PATH",
+                        help="load the model only if signed by this Ed25519 public key (PEM); repeatable")
     _add_common_options(evaluate)
     _add_detector_options(evaluate, [n for n in names if n in RUNTIME])
+
+    keygen = sub.add_parser(
+        "keygen", help="make an Ed25519 key pair for signing models",
+        description="Write OUT_PREFIX.pem (private key, mode 0600; give it to train --signing-key) "
+                    "and OUT_PREFIX.pub.pem (public key; give it to detect/evaluate --trusted-key).",
+    )
+    keygen.add_argument("prefix", metavar="OUT_PREFIX", help="path of the key files without extension")
     return parser
 
 
@@ -250,6 +263,19 @@ def output_for(inputs: Sequence[str], output: str) -> list[str]:
     return [f"{base}/{s}.zarr" for s in stems]
 
 
+def check_model_target(url: str, options: dict[str, Any] | None) -> None:
+    """Fail before training when the model file could not be written afterwards."""
+    import fsspec
+
+    from .outputs import check_writable
+
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    if fs.isdir(path):
+        raise CliError(f"--model {url!r} is a folder; give a file name such as {url.rstrip('/')}/model.safetensors")
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
+    check_writable(fs, parent, url)
+
+
 def make_local_folder(url: str, options: dict[str, Any] | None) -> None:
     """Create the output prefix when it is a local folder (object stores need none)."""
     import fsspec
@@ -290,11 +316,26 @@ def _say(args: argparse.Namespace, text: str) -> None:
         print(text, flush=True)
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from .signing import write_keypair
+
+    private, public, kid = write_keypair(args.prefix)
+    print(f"key {kid}: private {private} (keep it secret), public {public}", flush=True)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from .cluster import connect
     from .detector import AnomalyDetector
 
+    if args.command == "keygen":
+        return _keygen(args)
     verbose = _setup_logging(args)
+    signing_key = None
+    if getattr(args, "signing_key", None):
+        from .signing import load_private_key
+
+        signing_key = load_private_key(args.signing_key)  # before training, not after it
     options = parse_storage_options(args.storage_option)
     names = [n for n in DEFAULTS if n not in _SKIPPED]
     detector_kw = {n: getattr(args, n) for n in names if hasattr(args, n)}
@@ -305,6 +346,8 @@ def _run(args: argparse.Namespace) -> int:
             import bokeh  # noqa: F401 - distributed.performance_report renders with bokeh
         except ImportError:
             raise CliError("--performance-report needs bokeh: pip install 'bokeh>=3.1'") from None
+    if args.command == "train":
+        check_model_target(args.model, options)
     if args.command == "detect":
         stores = output_for(args.inputs, args.output)
         if stores[0] != args.output.rstrip("/"):
@@ -326,11 +369,13 @@ def _run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         if args.command == "train":
             ad = AnomalyDetector(**detector_kw, **common, storage_options=options).train(args.train, args.val)
-            fp = ad.save(args.model, storage_options=options)
+            fp = ad.save(args.model, storage_options=options, signing_key=signing_key)
             _say(args, f"model {args.model} (fingerprint {fp[:12]}): threshold {ad.threshold_:.4f}, "
                        f"{ad.n_components_} PCA components, {time.perf_counter() - t0:.1f} s")
             return 0
-        ad = AnomalyDetector.load(args.model, storage_options=options, **detector_kw, **common)
+        ad = AnomalyDetector.load(
+            args.model, storage_options=options, trusted_keys=args.trusted_keys, **detector_kw, **common
+        )
         if args.command == "evaluate":
             result = ad.evaluate(args.test, args.ground_truth, args.output, overlays=not args.no_overlays)
             overall = {k: v for k, v in result.items() if k not in ("images", "report")}
@@ -384,6 +429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug must still end in one line, not a traceback
+        if getattr(args, "verbose", 0) >= 2:
+            traceback.print_exc()
+        message = " ".join(str(exc).split())
+        print(f"{PROG}: error: internal error ({type(exc).__name__}: {message}); rerun with -vv "
+              f"for the traceback and please report it", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

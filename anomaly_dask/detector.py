@@ -19,9 +19,18 @@ from .errors import GroundTruthError, ImageReadError, NotFittedError, ParameterE
 from .features import FeatureConfig
 from .grid import TileGrid
 from .model_file import read_model, write_model
-from .outputs import display_rgb, mask_image, overlay_image, write_png
+from .outputs import check_writable, display_rgb, mask_image, overlay_image, write_png
 from .params import DEFAULTS, saved_params, validate
-from .sources import ImageSource, Intensity, fit_intensity, list_images, open_source, to_unit_rgb
+from .sources import (
+    ImageSource,
+    Intensity,
+    fit_intensity,
+    list_images,
+    match_bit_depth,
+    open_source,
+    output_names,
+    to_unit_rgb,
+)
 
 __all__ = ["AnomalyDetector"]
 
@@ -83,6 +92,7 @@ class AnomalyDetector:
     def _settings(self) -> dict[str, Any]:
         s = validate(self.get_params())
         _setup_logging(s["verbose"])
+        _check_device(s["device"])
         return s
 
     def _grid(self, source: ImageSource, s: dict[str, Any]) -> TileGrid:
@@ -94,8 +104,10 @@ class AnomalyDetector:
             )
         return TileGrid(source.height, source.width, th, tw, s["stride_height"], s["stride_width"])
 
-    def _open(self, image: Any, s: dict[str, Any]) -> tuple[ImageSource, TileGrid]:
+    def _open(self, image: Any, s: dict[str, Any], match: bool = True) -> tuple[ImageSource, TileGrid]:
         source = open_source(image, s["storage_options"])
+        if match:  # the same data at another bit depth is rescaled, or refused clearly
+            source = match_bit_depth(source, getattr(self, "input_dtype_", None), s["nodata"])
         return source, self._grid(source, s)
 
     @staticmethod
@@ -174,7 +186,8 @@ class AnomalyDetector:
     def _split(
         self, train: Any, val: Any, s: dict[str, Any], rng: np.random.Generator
     ) -> tuple[list[pipeline.Unit], list[pipeline.Unit], list[ImageSource]]:
-        sources = [self._open(f, s) for f in self._collect(train, s)]
+        sources = [self._open(f, s, match=False) for f in self._collect(train, s)]
+        self.input_dtype_ = _training_dtype([src for src, _ in sources])
         chunk = s["chunk_size"]
         if val is not None:
             val_sources = [self._open(f, s) for f in self._collect(val, s)]
@@ -321,6 +334,11 @@ class AnomalyDetector:
     def test(self, test: Any, output_dir: str) -> list[dict[str, Any]]:
         """Score images and write ``<stem>_mask.png`` and ``<stem>_overlay.png`` for each.
 
+        Images found in sub-folders of ``test`` keep their relative folder in ``output_dir``
+        (``a/x.png`` gives ``a/x_mask.png``), so equal names in two folders never overwrite
+        each other; two inputs that would still share an output name (``x.png`` and
+        ``x.tif`` in one folder) are refused before anything is scored or written.
+
         Parameters
         ----------
         test : str
@@ -337,15 +355,19 @@ class AnomalyDetector:
         self._check_fitted()
         s = self._settings()
         files = list_images(test, s["storage_options"])
+        stems = output_names(test, files, s["storage_options"])  # refuses clashes up front
         opened = [(f, *self._open(f, s)) for f in files]  # fail on a bad file before writing
         fs, out_path = fsspec.core.url_to_fs(str(output_dir), **(s["storage_options"] or {}))
-        fs.makedirs(out_path, exist_ok=True)
+        check_writable(fs, out_path, str(output_dir))
+        for stem in stems:
+            if "/" in stem:
+                fs.makedirs(f"{out_path.rstrip('/')}/{stem.rsplit('/', 1)[0]}", exist_ok=True)
         sep = "" if str(output_dir).endswith("/") else "/"
         results = []
         with pipeline.local_client(s["client"]) as client:
             extractor = client.scatter(self._extractor(s), broadcast=True)
             dictionary = client.scatter(self.dictionary_, broadcast=True)
-            for f, source, grid in opened:
+            for (f, source, grid), stem in zip(opened, stems):
                 t0 = time.perf_counter()
                 arr = pipeline.score_array(
                     extractor, dictionary, source, grid, s["chunk_size"], s["kmeans_neighbors"]
@@ -354,7 +376,6 @@ class AnomalyDetector:
                 mask = mask_image(scores, self.threshold_)
                 rgb = display_rgb(to_unit_rgb(source.read(0, source.height, 0, source.width), self.intensity_))
                 overlay = overlay_image(rgb, mask, s["overlay_color"], s["overlay_opacity"])
-                stem = os.path.splitext(os.path.basename(str(f)))[0]
                 mask_path = f"{output_dir}{sep}{stem}_mask.png"
                 overlay_path = f"{output_dir}{sep}{stem}_overlay.png"
                 write_png(mask_path, mask, s["storage_options"])
@@ -564,9 +585,13 @@ class AnomalyDetector:
         geotiff : {"mask", "score"} or tuple of them, optional
             Also write ``<output>/<name>.tif`` with the input's georeference.
         overwrite : bool
-            Replace a store at ``output`` written by a different model or parameters
-            (otherwise refused). A store of the same run is resumed: chunks already
-            completed are skipped.
+            Replace a store at ``output`` written by another run (otherwise refused, naming
+            what differs). A store of the same run is resumed: chunks already completed
+            are skipped. The run is the model, its threshold and parameters, the chunk
+            size, no-data value, ``kmeans_neighbors``, ``overlay_color``,
+            ``overlay_opacity``, and the input's path, size and content (see
+            :func:`anomaly_dask.identity.input_identity`). A store that another live run
+            is writing is never replaced.
         storage_options : dict, optional
             fsspec options for input and output (defaults to the detector's).
         progress : callable, optional
@@ -580,12 +605,24 @@ class AnomalyDetector:
             ``valid_pixels``, ``anomalous_pixels``, ``anomalous_fraction``, ``max_score``,
             ``seconds``, ``megapixels_per_second``, ``threshold``, ``run_id`` and the paths of
             extra outputs.
-        """
-        import hashlib
-        import json
 
+        Raises
+        ------
+        OutputExistsError
+            If ``output`` holds the store of another run and ``overwrite`` is false.
+        OutputLockedError
+            If another live run writes ``output`` (it holds the lease ``<output>.lock``),
+            whatever ``overwrite`` says; or if this run lost its lease to another one.
+
+        Notes
+        -----
+        While it writes, the run holds the lease ``<output>.lock`` (see
+        :class:`anomaly_dask.store.StoreLease`), removed when it ends, also on errors. A
+        lease left by a killed run is taken over by the next one.
+        """
         from . import store as out_store
         from .grid import regular_windows
+        from .identity import input_identity, jsonable, run_id_of
 
         self._check_fitted()
         s = self._settings()
@@ -600,90 +637,101 @@ class AnomalyDetector:
         source, grid = self._open(image, s)
         chunk = s["chunk_size"]
         georef = getattr(source, "georef", None)
-        identity = {
-            "model": self._content_fingerprint(),
-            "input": source.name, "shape": [source.height, source.width],
-            "chunk": chunk, "nodata": s["nodata"],
+        # Everything that shapes the stored pixels; a store is resumed only for the same.
+        # Runtime settings are not in saved_params, so those that matter are named here.
+        run_settings = {
+            "chunk_size": chunk, "nodata": s["nodata"], "kmeans_neighbors": s["kmeans_neighbors"],
+            "overlay_color": list(s["overlay_color"]), "overlay_opacity": s["overlay_opacity"],
         }
-        run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+        identity = jsonable({
+            "model": self._content_fingerprint(), "threshold": float(self.threshold_),
+            "params": saved_params(s), **run_settings,
+            "input": source.name, "shape": [source.height, source.width],
+            "input_content": input_identity(source),
+        })
+        run_id = run_id_of(identity)
         attrs = {
             "threshold": self.threshold_, "model_fingerprint": identity["model"],
-            "params": saved_params(s), "input": source.name, "georef": georef,
-            "nodata": source.nodata if s["nodata"] is None else s["nodata"],
+            "params": saved_params(s), "run_settings": run_settings, "input": source.name,
+            "georef": georef, "nodata": source.nodata if s["nodata"] is None else s["nodata"],
         }
-        store = out_store.OutputStore.create(
-            output, source.height, source.width, chunk, run_id, json.loads(json.dumps(attrs, default=str)),
-            storage_options=so, overwrite=overwrite,
-        )
-        done = store.done_chunks()
-        windows = regular_windows(grid, chunk)
-        jobs = [
-            (pipeline.Unit(source, grid, w), (iy, ix))
-            for iy, row in enumerate(windows) for ix, w in enumerate(row) if (iy, ix) not in done
-        ]
-        total = sum(len(r) for r in windows)
-        log.info("%s: %d x %d px, %d chunks (%d already done) -> %s",
-                 source.name, source.height, source.width, total, total - len(jobs), output)
-        rendering = pipeline.Rendering(
-            self.threshold_, s["overlay_color"], s["overlay_opacity"], s["kmeans_neighbors"]
-        )
-
-        def report(k: int, n: int) -> None:
-            el = time.perf_counter() - t0
-            if k == n or k % max(1, n // 20) == 0:
-                log.info("chunks %d/%d, %.0f s elapsed, ETA %.0f s", k, n, el, el / k * (n - k))
-            if progress is not None:
-                progress(k, n)
-
-        if progress is not None:
-            progress(0, len(jobs))
-
-        with pipeline.local_client(s["client"]) as client:
-            extractor = client.scatter(self._extractor(s), broadcast=True)
-            dictionary = client.scatter(self.dictionary_, broadcast=True)
-            stats = pipeline.detect_chunks(client, extractor, dictionary, jobs, store, rendering, report)
-        # Statistics over every chunk, including those done by an earlier, interrupted run.
-        mask_arr = store.read("mask")
-        score_arr = store.read("score")
-        valid = anomalous = 0
-        max_score = float("-inf")
-        for row in windows:
-            for w in row:
-                sc = score_arr[w.y0 : w.y1, w.x0 : w.x1]
-                fin = np.isfinite(sc)
-                valid += int(fin.sum())
-                anomalous += int((mask_arr[w.y0 : w.y1, w.x0 : w.x1] > 0).sum())
-                if fin.any():
-                    max_score = max(max_score, float(sc[fin].max()))
-        seconds = time.perf_counter() - t0
-        summary = {
-            "output": str(output), "height": source.height, "width": source.width,
-            "chunks": total, "computed_chunks": len(stats), "valid_pixels": valid,
-            "anomalous_pixels": anomalous, "anomalous_fraction": anomalous / max(valid, 1),
-            "max_score": max_score if valid else None, "threshold": self.threshold_,
-            "seconds": seconds,
-            "megapixels_per_second": sum(u.window.shape[0] * u.window.shape[1] for u, _ in jobs) / 1e6 / seconds,
-            "run_id": run_id,
-        }
-        base = str(output).rstrip("/")
-        if png_tiles:
-            summary["png_tiles"] = len(out_store.write_png_tiles(store, "overlay"))
-        if quicklook:
-            out_store.write_quicklook(store, f"{base}/quicklook.png")
-            summary["quicklook"] = f"{base}/quicklook.png"
-        for name in names:
-            out_store.write_geotiff(
-                store, f"{base}/{name}.tif", name, georef=_store_georef(georef),
-                nodata=0 if name == "mask" else float("nan"),
+        lease = out_store.StoreLease(output, run_id, so)
+        with lease:  # one writer per store; released on errors and KeyboardInterrupt too
+            store = out_store.OutputStore.create(
+                output, source.height, source.width, chunk, run_id, jsonable(attrs),
+                storage_options=so, overwrite=overwrite, identity=identity, lease=lease,
             )
-            summary[f"geotiff_{name}"] = f"{base}/{name}.tif"
-        store.finalize(summary)
-        log.info(
-            "%s: %d anomalous pixels (%.3f%% of valid), %.1f s, %.2f Mpx/s",
-            source.name, anomalous, 100 * summary["anomalous_fraction"], seconds,
-            summary["megapixels_per_second"],
-        )
-        return summary
+            done = store.done_chunks()
+            windows = regular_windows(grid, chunk)
+            jobs = [
+                (pipeline.Unit(source, grid, w), (iy, ix))
+                for iy, row in enumerate(windows) for ix, w in enumerate(row) if (iy, ix) not in done
+            ]
+            total = sum(len(r) for r in windows)
+            log.info("%s: %d x %d px, %d chunks (%d already done) -> %s",
+                     source.name, source.height, source.width, total, total - len(jobs), output)
+            rendering = pipeline.Rendering(
+                self.threshold_, s["overlay_color"], s["overlay_opacity"], s["kmeans_neighbors"]
+            )
+
+            def report(k: int, n: int) -> None:
+                lease.check()  # stop at once if another run took the store over
+                el = time.perf_counter() - t0
+                if k == n or k % max(1, n // 20) == 0:
+                    log.info("chunks %d/%d, %.0f s elapsed, ETA %.0f s", k, n, el, el / k * (n - k))
+                if progress is not None:
+                    progress(k, n)
+
+            if progress is not None:
+                progress(0, len(jobs))
+
+            with pipeline.local_client(s["client"]) as client:
+                extractor = client.scatter(self._extractor(s), broadcast=True)
+                dictionary = client.scatter(self.dictionary_, broadcast=True)
+                stats = pipeline.detect_chunks(client, extractor, dictionary, jobs, store, rendering, report)
+            # Statistics over every chunk, including those done by an earlier, interrupted run.
+            mask_arr = store.read("mask")
+            score_arr = store.read("score")
+            valid = anomalous = 0
+            max_score = float("-inf")
+            for row in windows:
+                for w in row:
+                    sc = score_arr[w.y0 : w.y1, w.x0 : w.x1]
+                    fin = np.isfinite(sc)
+                    valid += int(fin.sum())
+                    anomalous += int((mask_arr[w.y0 : w.y1, w.x0 : w.x1] > 0).sum())
+                    if fin.any():
+                        max_score = max(max_score, float(sc[fin].max()))
+            seconds = time.perf_counter() - t0
+            summary = {
+                "output": str(output), "height": source.height, "width": source.width,
+                "chunks": total, "computed_chunks": len(stats), "valid_pixels": valid,
+                "anomalous_pixels": anomalous, "anomalous_fraction": anomalous / max(valid, 1),
+                "max_score": max_score if valid else None, "threshold": self.threshold_,
+                "seconds": seconds,
+                "megapixels_per_second": sum(u.window.shape[0] * u.window.shape[1] for u, _ in jobs) / 1e6 / seconds,
+                "run_id": run_id,
+            }
+            base = str(output).rstrip("/")
+            if png_tiles:
+                summary["png_tiles"] = len(out_store.write_png_tiles(store, "overlay"))
+            if quicklook:
+                out_store.write_quicklook(store, f"{base}/quicklook.png")
+                summary["quicklook"] = f"{base}/quicklook.png"
+            for name in names:
+                out_store.write_geotiff(
+                    store, f"{base}/{name}.tif", name, georef=_store_georef(georef),
+                    nodata=0 if name == "mask" else float("nan"),
+                )
+                summary[f"geotiff_{name}"] = f"{base}/{name}.tif"
+            lease.check()  # never mark complete a store another run took over
+            store.finalize(summary)
+            log.info(
+                "%s: %d anomalous pixels (%.3f%% of valid), %.1f s, %.2f Mpx/s",
+                source.name, anomalous, 100 * summary["anomalous_fraction"], seconds,
+                summary["megapixels_per_second"],
+            )
+            return summary
 
     # ------------------------------------------------------------------ persistence
     def _config(self) -> dict[str, Any]:
@@ -692,14 +740,15 @@ class AnomalyDetector:
         s = self._settings()
         return {
             "params": saved_params(s),
-            "threshold": self.threshold_,
-            "false_alarm_rate": self.false_alarm_rate_,
+            "threshold": float(self.threshold_),
+            "false_alarm_rate": float(self.false_alarm_rate_),
             "intensity": {
-                "low": self.intensity_.low, "high": self.intensity_.high,
-                "gray": self.intensity_.gray, "fill": self.intensity_.fill,
+                "low": float(self.intensity_.low), "high": float(self.intensity_.high),
+                "gray": bool(self.intensity_.gray), "fill": float(self.intensity_.fill),
             },
+            "input": {"dtype": self.input_dtype_},
             "backbone": {"name": s["backbone"], "weights_id": self.weights_id_, "layers": list(self.backbone_.dense_stages)},
-            "random_state": self.random_state_,
+            "random_state": None if self.random_state_ is None else int(self.random_state_),
             "versions": {"anomaly_dask": _pkg_version("anomaly_dask") if _has_dist() else "dev", "torch": torch.__version__},
         }
 
@@ -710,7 +759,7 @@ class AnomalyDetector:
         )
         return tensors
 
-    def save(self, path: str, storage_options: dict[str, Any] | None = None) -> str:
+    def save(self, path: str, storage_options: dict[str, Any] | None = None, signing_key: Any = None) -> str:
         """Write the trained model to one self-contained safetensors file.
 
         Parameters
@@ -719,21 +768,44 @@ class AnomalyDetector:
             Local path or fsspec URL (``.safetensors`` recommended).
         storage_options : dict, optional
             fsspec options (defaults to the detector's ``storage_options``).
+        signing_key : str, path-like or Ed25519PrivateKey, optional
+            Sign the model with this Ed25519 private key (a PEM file as written by
+            ``anomaly-dask keygen``, or the key object), so that :meth:`load` with
+            ``trusted_keys`` accepts it.
 
         Returns
         -------
         str
             The model's fingerprint (sha256 of its content).
+
+        Raises
+        ------
+        ModelFileError
+            The model would exceed :data:`~anomaly_dask.model_file.MAX_MODEL_BYTES`.
+        ParameterError
+            ``signing_key`` is not a readable Ed25519 private key.
         """
         self._check_fitted()
         self.fingerprint_ = write_model(
-            path, self._config(), self._tensors(), storage_options or self.storage_options
+            path, self._config(), self._tensors(), storage_options or self.storage_options,
+            signing_key=signing_key,
         )
         return self.fingerprint_
 
     @classmethod
-    def load(cls, path: str, storage_options: dict[str, Any] | None = None, **overrides: Any) -> AnomalyDetector:
+    def load(
+        cls,
+        path: str,
+        storage_options: dict[str, Any] | None = None,
+        trusted_keys: Any = None,
+        **overrides: Any,
+    ) -> AnomalyDetector:
         """Load a model saved by :meth:`save`; runs no code from the file.
+
+        Every value of the file is checked before anything is built from it (see
+        :func:`~anomaly_dask.model_file.check_model`). The file sets only the model: run
+        settings (:data:`~anomaly_dask.params.RUNTIME`: ``client``, ``storage_options``,
+        ``device``, ...) come from the caller, and a file that holds one is refused.
 
         Parameters
         ----------
@@ -741,29 +813,39 @@ class AnomalyDetector:
             Local path or fsspec URL.
         storage_options : dict, optional
             fsspec options.
+        trusted_keys : sequence of str or Ed25519PublicKey, optional
+            Ed25519 public keys (PEM files as written by ``anomaly-dask keygen``, or key
+            objects). When given, only a model signed by one of them is loaded.
         **overrides
             Runtime arguments to set on the loaded detector (``client``, ``chunk_size``,
-            ``verbose``, ``overlay_color``, ...).
+            ``verbose``, ``overlay_color``, ...) and threshold rules (``false_alarm_rate``,
+            ``threshold_mode``, ...; scores are calibrated, so these need no retraining).
 
         Raises
         ------
         ModelFileError
-            Not an anomaly_dask model, a pickle, truncated, tampered with or too new.
+            Not an anomaly_dask model, a pickle, too large, truncated, tampered with, too
+            new, holding a run setting or an invalid value (the message names the field),
+            or, given ``trusted_keys``, not signed by one of them.
+        ParameterError
+            A trusted key is not a readable Ed25519 public key.
         """
         import torch
 
-        config, tensors, fp = read_model(path, storage_options)
-        params = dict(config["params"])
-        params["overlay_color"] = tuple(params["overlay_color"])
-        params.update(overrides)
+        from .model_file import check_model
+        from .params import RUNTIME
+
+        config, tensors, fp = read_model(path, storage_options, trusted_keys=trusted_keys)
+        check_model(config, tensors, str(path), runtime={k: v for k, v in overrides.items() if k in RUNTIME})
+        stored = {k: v for k, v in config["params"].items() if k not in RUNTIME}
+        features = stored.get("features", DEFAULTS["features"])
+        params = {**stored, **overrides}
         if storage_options is not None and "storage_options" not in overrides:
             params["storage_options"] = storage_options
         det = cls(**params)
         bb = config["backbone"]
         state = {k[len("backbone."):]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("backbone.")}
-        det.backbone_ = build_backbone(
-            bb["name"], state, tuple(bb["layers"]), dense_only=params["features"] == "dense"
-        )
+        det.backbone_ = build_backbone(bb["name"], state, tuple(bb["layers"]), dense_only=features == "dense")
         d = {k[len("dictionary."):]: v for k, v in tensors.items() if k.startswith("dictionary.")}
         det.dictionary_ = Dictionary.from_arrays(d)
         det.threshold_ = float(config["threshold"])
@@ -776,12 +858,59 @@ class AnomalyDetector:
                 s["threshold_mode"], s["false_alarm_rate"], s["cdf"], s["zscore"], s["threshold"]
             )
         det.calibration_summary_ = det.dictionary_.calibration.summary()
-        det.intensity_ = Intensity(**config["intensity"])
+        intensity = config["intensity"]
+        det.intensity_ = Intensity(
+            float(intensity["low"]), float(intensity["high"]), intensity["gray"], float(intensity["fill"])
+        )
+        det.input_dtype_ = config["input"]["dtype"]
         det.weights_id_ = bb["weights_id"]
         det.random_state_ = config["random_state"]
         det.n_components_ = int(det.dictionary_.pca_components.shape[0])
         det.fingerprint_ = fp
         return det
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a device torch cannot use here, before any cluster, store or training starts.
+
+    Raises
+    ------
+    ParameterError
+        ``cuda`` / ``cuda:<n>`` without that GPU, or ``mps`` without Apple's backend.
+    """
+    if device in (None, "auto", "cpu"):
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= n:
+            raise ParameterError(
+                f"device={device!r}, but torch sees {n} CUDA GPU(s) here; use device='cpu' or 'auto'"
+            )
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ParameterError("device='mps', but Apple's MPS backend is not available here; use 'cpu' or 'auto'")
+
+
+def _training_dtype(sources: list[ImageSource]) -> str:
+    """The pixel type of a training set (``"mixed"`` for several float / signed types).
+
+    Raises
+    ------
+    ImageReadError
+        When 8-bit and 16-bit images are mixed: their values mean different things.
+    """
+    names = sorted({np.dtype(src.dtype).name for src in sources})
+    if len(names) == 1:
+        return names[0]
+    if {"uint8", "uint16"} & set(names):
+        example = {np.dtype(src.dtype).name: src.name for src in sources}
+        raise ImageReadError(
+            f"training images mix pixel types {names} (e.g. {example}); convert them to one bit "
+            f"depth (all 8-bit or all 16-bit) before training"
+        )
+    return "mixed"
 
 
 def _at_most(units: list[pipeline.Unit], n: int, rng: np.random.Generator) -> list[pipeline.Unit]:

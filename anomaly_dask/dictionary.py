@@ -13,8 +13,8 @@ import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.decomposition import PCA
 
-from .calibration import Calibration
-from .errors import ParameterError
+from .calibration import Calibration, check_array
+from .errors import ModelFileError, ParameterError
 
 __all__ = [
     "Dictionary",
@@ -119,6 +119,66 @@ class Dictionary:
         if cal:
             d.calibration = Calibration(**cal)
         return d
+
+    @staticmethod
+    def check_arrays(arrays: dict[str, np.ndarray], feature_dim: int | None = None) -> None:
+        """Check the arrays of a trained dictionary read from a model file, before use.
+
+        Rules: names exactly those of :meth:`arrays` of a calibrated dictionary (``memory``
+        optional), all float32 and finite; ``pca_mean`` (D,) with D = ``feature_dim`` when
+        given; ``pca_components`` (d, D) with 1 <= d <= D; ``scaler_mean`` and
+        ``scaler_scale`` (d,), every scale at least 1e-13 (it divides; :func:`fit_projection`
+        replaces smaller spreads by 1); ``centroids`` (k, d) with 1 <= k <=
+        :data:`~anomaly_dask.params.MAX_CENTROIDS`; ``memory`` (n, d) with 1 <= n <=
+        :data:`~anomaly_dask.params.MAX_MEMORY`; calibration as
+        :meth:`Calibration.check_arrays` for k labels.
+
+        Parameters
+        ----------
+        arrays : dict of str to ndarray
+            Without the ``dictionary.`` prefix.
+        feature_dim : int, optional
+            Tile feature dimension of the model's backbone.
+
+        Raises
+        ------
+        ModelFileError
+            Naming the first array that breaks a rule (``dictionary.<name>``).
+        """
+        from .params import MAX_CENTROIDS, MAX_MEMORY
+
+        required = {"pca_mean", "pca_components", "scaler_mean", "scaler_scale", "centroids"}
+        plain = {k for k in arrays if not k.startswith("calibration.")}
+        missing, unknown = sorted(required - plain), sorted(plain - required - {"memory"})
+        if missing or unknown:
+            raise ModelFileError(
+                f"dictionary.*: tensors missing {['dictionary.' + k for k in missing]}, "
+                f"unknown {['dictionary.' + k for k in unknown]}"
+            )
+
+        def get(name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+            return check_array(f"dictionary.{name}", arrays[name], np.float32, shape)
+
+        dim = get("pca_mean", (feature_dim,)).shape[0]
+        if dim < 1:
+            raise ModelFileError("dictionary.pca_mean: empty")
+        n_comp = get("pca_components", (None, dim)).shape[0]
+        if not 1 <= n_comp <= dim:
+            raise ModelFileError(
+                f"dictionary.pca_components: {n_comp} components of dimension {dim}; 1 to {dim} are expected"
+            )
+        get("scaler_mean", (n_comp,))
+        if (get("scaler_scale", (n_comp,)) < 1e-13).any():
+            raise ModelFileError("dictionary.scaler_scale: every scale must be at least 1e-13 (it divides)")
+        k = get("centroids", (None, n_comp)).shape[0]
+        if not 1 <= k <= MAX_CENTROIDS:
+            raise ModelFileError(f"dictionary.centroids: {k} centroids; 1 to {MAX_CENTROIDS} are allowed")
+        if "memory" in arrays:
+            n = get("memory", (None, n_comp)).shape[0]
+            if not 1 <= n <= MAX_MEMORY:
+                raise ModelFileError(f"dictionary.memory: {n} rows; 1 to {MAX_MEMORY} are allowed")
+        cal = {n[len("calibration."):]: v for n, v in arrays.items() if n.startswith("calibration.")}
+        Calibration.check_arrays(cal, k)
 
 
 def _nearest(z: np.ndarray, points: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:

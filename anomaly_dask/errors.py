@@ -14,6 +14,7 @@ __all__ = [
     "InputNotFoundError",
     "ModelFileError",
     "NotFittedError",
+    "OutputError",
     "ParameterError",
     "WeightsNotFoundError",
 ]
@@ -49,3 +50,7 @@ class NotFittedError(AnomalyDaskError, RuntimeError):
 
 class GroundTruthError(AnomalyDaskError, ValueError):
     """Ground truth is unusable: missing, wrong shape, not binary, or without any anomalous pixel."""
+
+
+class OutputError(AnomalyDaskError, OSError):
+    """An output location cannot be written, or two outputs would get the same name."""

@@ -9,7 +9,9 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-__all__ = ["display_rgb", "mask_image", "overlay_image", "write_png"]
+from .errors import OutputError
+
+__all__ = ["check_writable", "display_rgb", "mask_image", "overlay_image", "write_png"]
 
 
 def mask_image(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -41,3 +43,27 @@ def write_png(url: str, array: np.ndarray, storage_options: dict[str, Any] | Non
     with fs.open(tmp, "wb") as f:
         f.write(buf.getvalue())
     fs.mv(tmp, path)
+
+
+def check_writable(fs: fsspec.AbstractFileSystem, folder: str, label: str | None = None) -> None:
+    """Create ``folder`` if missing and prove it takes a file (written, then removed).
+
+    Called before long work, so that a read-only or mistyped output location fails in a
+    second rather than after the work is done.
+
+    Raises
+    ------
+    OutputError
+        Naming the location and the reason.
+    """
+    probe = f"{folder.rstrip('/')}/.anomaly_dask-write-check"
+    try:
+        fs.makedirs(folder, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except (OSError, PermissionError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+        raise OutputError(
+            f"cannot write to {label or folder!r} ({reason}); choose a writable location or fix its permissions"
+        ) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from numbers import Integral, Real
 from typing import Any
 
@@ -9,7 +11,7 @@ from .backbones import BACKBONES
 from .calibration import GROUPINGS
 from .errors import ParameterError
 
-__all__ = ["DEFAULTS", "validate"]
+__all__ = ["DEFAULTS", "MAX_CENTROIDS", "MAX_MEMORY", "RUNTIME", "validate"]
 
 #: Every keyword argument with its default. The first block is the seed's, same meaning.
 DEFAULTS: dict[str, Any] = {
@@ -55,7 +57,17 @@ DEFAULTS: dict[str, Any] = {
     "storage_options": None,
 }
 
-_NOT_SAVED = ("client", "storage_options", "device", "verbose")
+#: Settings of a run, not of a model: never written to a model file, and a model file that
+#: holds one is refused (a file must not steer where data are read or written, or how).
+RUNTIME = (
+    "client", "storage_options", "device", "verbose", "chunk_size", "cnn_batchsize",
+    "overlay_color", "overlay_opacity",
+)
+#: Caps that keep a model's scoring cost bounded (checked for new models and loaded files).
+MAX_CENTROIDS = 20_000
+MAX_MEMORY = 200_000
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def _int(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
@@ -70,6 +82,8 @@ def _int(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
 def _real(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ParameterError(f"{name}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise ParameterError(f"{name}={value!r} must be a finite number")
     bad = (value <= low if low_open else value < low) or (value >= high if high_open else value > high)
     if bad:
         lb, hb = "(" if low_open else "[", ")" if high_open else "]"
@@ -115,7 +129,7 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
             )
     out["cnn_batchsize"] = _int("cnn_batchsize", p["cnn_batchsize"])
     out["pca_variance"] = _real("pca_variance", p["pca_variance"], 0.0, 1.0, True, False)
-    out["kmeans_clusters"] = _int("kmeans_clusters", p["kmeans_clusters"])
+    out["kmeans_clusters"] = _int("kmeans_clusters", p["kmeans_clusters"], 1, MAX_CENTROIDS)
     out["kmeans_trials"] = _int("kmeans_trials", p["kmeans_trials"])
     out["kmeans_neighbors"] = _int("kmeans_neighbors", p["kmeans_neighbors"], 1, out["kmeans_clusters"])
     if p["threshold_mode"] is not None:
@@ -123,9 +137,9 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
     out["false_alarm_rate"] = _real("false_alarm_rate", p["false_alarm_rate"], 0.0, 1.0, True, True)
     out["calibration_groups"] = _choice("calibration_groups", p["calibration_groups"], list(GROUPINGS))
     out["cdf"] = _real("cdf", p["cdf"], 0.0, 1.0, False, False)
-    out["zscore"] = _real("zscore", p["zscore"], float("-inf"), float("inf"), True, True)
+    out["zscore"] = _real("zscore", p["zscore"], -40.0, 40.0, False, False)
     if p["threshold"] is not None:
-        out["threshold"] = _real("threshold", p["threshold"], float("-inf"), float("inf"), True, True)
+        out["threshold"] = _real("threshold", p["threshold"], 0.0, 300.0, False, False)
     if not p["auto_threshold"]:
         out["threshold_mode"] = "manual"
     if out["threshold_mode"] == "manual" and out["threshold"] is None:
@@ -143,6 +157,12 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
     out["overlay_color"] = tuple(int(c) for c in color)
     out["overlay_opacity"] = _real("overlay_opacity", p["overlay_opacity"], 0.0, 1.0, False, False)
     out["verbose"] = _int("verbose", p["verbose"], 0)
+    if p["device"] is not None and (not isinstance(p["device"], str) or not _DEVICE.match(p["device"])):
+        raise ParameterError(
+            f"device={p['device']!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:<n>' or 'mps'"
+        )
+    if p["storage_options"] is not None and not isinstance(p["storage_options"], dict):
+        raise ParameterError(f"storage_options={p['storage_options']!r} must be a dict of fsspec options")
     out["val_fraction"] = _real("val_fraction", p["val_fraction"], 0.0, 1.0, True, True)
     out["features"] = _choice("features", p["features"], ["dense", "patch"])
     out["backbone"] = _choice("backbone", p["backbone"], sorted(BACKBONES))
@@ -164,10 +184,14 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
                 f"{out[f'tile_{axis}']}; use a chunk of at least one tile"
             )
     out["max_fit_tiles"] = _int("max_fit_tiles", p["max_fit_tiles"], 2)
-    out["memory_size"] = _int("memory_size", p["memory_size"], 0)
+    out["memory_size"] = _int("memory_size", p["memory_size"], 0, MAX_MEMORY)
     out["max_train_chunks"] = _int("max_train_chunks", p["max_train_chunks"], 1)
     if p["nodata"] is not None:
-        out["nodata"] = _real("nodata", p["nodata"], float("-inf"), float("inf"), False, False) if p["nodata"] == p["nodata"] else float("nan")
+        nd = p["nodata"]
+        if isinstance(nd, Real) and not isinstance(nd, bool) and math.isnan(nd):
+            out["nodata"] = float("nan")
+        else:
+            out["nodata"] = _real("nodata", nd, -1e300, 1e300, False, False)
     seed = p["random_state"] if p["random_state"] is not None else p["kmeans_random"]
     out["random_state"] = None if seed is None else _int("random_state", seed, 0)
     out["kmeans_random"] = out["random_state"]
@@ -176,6 +200,4 @@ def validate(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def saved_params(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings worth storing in a model file (JSON-serialisable, no runtime handles)."""
-    out = {k: v for k, v in settings.items() if k not in _NOT_SAVED}
-    out["overlay_color"] = list(out["overlay_color"])
-    return out
+    return {k: v for k, v in settings.items() if k not in RUNTIME}

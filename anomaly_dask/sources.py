@@ -19,7 +19,7 @@ import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageReadError, InputNotFoundError
+from .errors import ImageReadError, InputNotFoundError, OutputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -27,9 +27,14 @@ __all__ = [
     "ImageSource",
     "Intensity",
     "PILSource",
+    "ScaledSource",
+    "freeze_options",
+    "match_bit_depth",
+    "thaw_options",
     "list_images",
     "mirror_fill",
     "open_source",
+    "output_names",
     "read_window",
     "to_unit_rgb",
     "valid_pixels",
@@ -96,6 +101,53 @@ def list_images(path: str, storage_options: dict[str, Any] | None = None) -> lis
             f"{', '.join(IMAGE_EXTENSIONS)}; found {len(others)} other files)"
         )
     return [_unstrip(fs, path, f) for f in images]
+
+
+def output_names(root: str, files: Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Output stems of the images :func:`list_images` found under ``root``.
+
+    Each stem is the image's path relative to ``root`` without its extension (``a/x`` for
+    ``root/a/x.png``), or the file's own stem when ``root`` is a file, so that equal names in
+    different folders stay apart.
+
+    Parameters
+    ----------
+    root : str
+        The folder or file given to :func:`list_images`.
+    files : sequence of str
+        What it returned.
+    storage_options : dict, optional
+        fsspec options.
+
+    Returns
+    -------
+    list of str
+        One stem per file, ``/``-separated.
+
+    Raises
+    ------
+    OutputError
+        Two inputs would share a stem (``x.png`` and ``x.tif`` in one folder).
+    """
+    fs, base = _fs(str(root), storage_options)
+    base = base.rstrip("/")
+    stems = []
+    for f in files:
+        _, path = _fs(str(f), storage_options)
+        path = path.rstrip("/")
+        rel = path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1]
+        head, _, name = rel.rpartition("/")
+        stem = name.rsplit(".", 1)[0] if "." in name else name
+        stems.append(f"{head}/{stem}" if head else stem)
+    seen: dict[str, str] = {}
+    for f, stem in zip(files, stems):
+        if stem in seen:
+            raise OutputError(
+                f"{seen[stem]!r} and {f!r} would both be written as {stem}_mask.png; rename one "
+                f"of them or score them in separate runs"
+            )
+        seen[stem] = str(f)
+    return stems
 
 
 @dataclass(frozen=True)
@@ -170,9 +222,46 @@ def _to_raw(img: Image.Image, name: str) -> np.ndarray:
     )
 
 
+class _FrozenDict(tuple):
+    """A dict frozen by :func:`freeze_options` (sorted ``(key, value)`` items)."""
+
+
+class _FrozenList(tuple):
+    """A list frozen by :func:`freeze_options`."""
+
+
+def freeze_options(value: Any) -> Any:
+    """Storage options as a hashable value (nested dicts and lists become tuples).
+
+    Parameters
+    ----------
+    value : Any
+        A dict of fsspec options (values may be dicts or lists, e.g. ``client_kwargs``).
+
+    Returns
+    -------
+    Any
+        Hashable and picklable; :func:`thaw_options` gives the original back.
+    """
+    if isinstance(value, dict):
+        return _FrozenDict(sorted((str(k), freeze_options(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)) and not isinstance(value, (_FrozenDict, _FrozenList)):
+        return _FrozenList(freeze_options(v) for v in value)
+    return value
+
+
+def thaw_options(value: Any) -> Any:
+    """The inverse of :func:`freeze_options`."""
+    if isinstance(value, _FrozenDict):
+        return {k: thaw_options(v) for k, v in value}
+    if isinstance(value, _FrozenList):
+        return [thaw_options(v) for v in value]
+    return value
+
+
 @lru_cache(maxsize=8)
-def _decode(url: str, options_key: tuple) -> np.ndarray:
-    storage_options = dict(options_key)
+def _decode(url: str, options_key: Any) -> np.ndarray:
+    storage_options = thaw_options(options_key) or {}
     try:
         with fsspec.open(url, "rb", **storage_options) as f:
             data = f.read()
@@ -204,7 +293,7 @@ class PILSource(ImageSource):
     width: int
     channels: int
     dtype: np.dtype
-    storage_options: tuple = field(default=(), repr=False)
+    storage_options: Any = field(default=(), repr=False)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         return _decode(self.name, self.storage_options)[y0:y1, x0:x1]
@@ -287,7 +376,7 @@ def open_source(image: str | np.ndarray, storage_options: dict[str, Any] | None 
         raster = open_raster(url, storage_options)
         if raster is not None:
             return raster
-    key = tuple(sorted((storage_options or {}).items()))
+    key = freeze_options(storage_options or {})
     raw = _decode(url, key)
     return PILSource(url, raw.shape[0], raw.shape[1], raw.shape[2], raw.dtype, key)
 
@@ -427,3 +516,147 @@ def fit_intensity(
             high = low + 1.0
     fill = float(np.clip((np.median(values) - low) / (high - low), 0.0, 1.0))
     return Intensity(low, high, gray, fill)
+
+
+# ---------------------------------------------------------------------------- bit depth
+#: Full-scale value of each integer pixel type a model may meet (floats: see match_bit_depth).
+_FULL_SCALE = {"uint8": 255.0, "uint16": 65535.0}
+
+
+@dataclass(frozen=True, eq=False)
+class ScaledSource(ImageSource):
+    """Another source's pixels times ``factor`` (float32): the same data at another bit depth.
+
+    No-data pixels (the inner source's no-data value or any of ``nodata_raw``) read as NaN,
+    so that no comparison with a rescaled no-data value is needed.
+
+    Attributes
+    ----------
+    inner : ImageSource
+        The image as stored.
+    factor : float
+        Multiplier taking its values to the units the model was trained on.
+    nodata_raw : tuple of float
+        Raw values (in ``inner``'s units) that mean no data.
+    """
+
+    inner: ImageSource
+    factor: float
+    nodata_raw: tuple = ()
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.inner.name
+
+    @property
+    def height(self) -> int:  # type: ignore[override]
+        return self.inner.height
+
+    @property
+    def width(self) -> int:  # type: ignore[override]
+        return self.inner.width
+
+    @property
+    def channels(self) -> int:  # type: ignore[override]
+        return self.inner.channels
+
+    @property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return np.dtype(np.float32)
+
+    @property
+    def nodata(self) -> float | None:  # type: ignore[override]
+        return float("nan")
+
+    @property
+    def georef(self) -> Any:
+        return getattr(self.inner, "georef", None)
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        raw = self.inner.read(y0, y1, x0, x1)
+        out = raw.astype(np.float32) * np.float32(self.factor)
+        for value in self.nodata_raw:
+            if value is not None and not np.isnan(value):
+                out[(raw == value).all(axis=2)] = np.nan
+        return out
+
+
+def _sample_max(source: ImageSource, nodata: float | None, n: int = 4, side: int = 256) -> float:
+    """Largest valid value in an ``n`` x ``n`` lattice of windows spread over ``source``."""
+    best = float("-inf")
+    h, w = min(side, source.height), min(side, source.width)
+    for y in np.linspace(0, source.height - h, n).astype(int):
+        for x in np.linspace(0, source.width - w, n).astype(int):
+            block = np.asarray(source.read(int(y), int(y) + h, int(x), int(x) + w), dtype=np.float64)
+            block = block[np.isfinite(block)]
+            if nodata is not None and not np.isnan(nodata):
+                block = block[block != nodata]
+            if block.size:
+                best = max(best, float(block.max()))
+    return best
+
+
+def match_bit_depth(source: ImageSource, trained: str | None, nodata: float | None) -> ImageSource:
+    """``source`` in the units of a model trained on ``trained`` pixels, or a clear error.
+
+    A model maps raw values to its input range with a map learned on its training images, so
+    the same picture stored at another bit depth must be rescaled first. Handled: 8-bit and
+    16-bit copies of each other (by the ratio of full scales, 65535 / 255 = 257, or as they
+    are when a 16-bit image holds only 8-bit values), and float copies in ``[0, 1]`` or in
+    the integer type's own range. Models trained on other types (float, signed, mixed) take
+    inputs as they are.
+
+    Parameters
+    ----------
+    source : ImageSource
+        The image to score.
+    trained : str or None
+        The pixel type of the model's training images (``"uint8"``, ``"uint16"``, another
+        numpy type name, ``"mixed"``, or None for a model that does not record it).
+    nodata : float, optional
+        The run's no-data value (raw units), if any.
+
+    Returns
+    -------
+    ImageSource
+        ``source`` itself, or a :class:`ScaledSource` over it.
+
+    Raises
+    ------
+    ImageReadError
+        When the values fit neither reading (e.g. float values up to 4000 for an 8-bit
+        model); the message says how to convert the image.
+    """
+    have = np.dtype(source.dtype).name
+    if trained is None or have == trained or trained not in _FULL_SCALE:
+        return source
+    full = _FULL_SCALE[trained]
+    nd = nodata if nodata is not None else source.nodata
+    top = _sample_max(source, nd)
+    factor: float | None = None
+    if have in _FULL_SCALE:
+        if top <= full:
+            factor = 1.0  # e.g. 8-bit values stored in a 16-bit file
+        else:
+            factor = full / _FULL_SCALE[have]
+        if have == "uint8" and trained == "uint16":
+            factor = _FULL_SCALE["uint16"] / _FULL_SCALE["uint8"]
+    elif np.issubdtype(np.dtype(have), np.floating):
+        if top <= 1.0:
+            factor = full
+        elif top <= full:
+            factor = 1.0
+    if factor is None:
+        raise ImageReadError(
+            f"{source.name}: pixels are {have} with values up to {top:g}, but the model was "
+            f"trained on {trained} images (0-{full:g}); convert the image to {trained}, or "
+            f"scale it to [0, 1] or [0, {full:g}], or train a model on images like it"
+        )
+    how = "used as they are (they lie in its range)" if factor == 1.0 else f"multiplied by {factor:g}"
+    warnings.warn(
+        f"{source.name}: {have} pixels scored by a model trained on {trained} images; values {how}",
+        stacklevel=2,
+    )
+    if factor == 1.0 and have in _FULL_SCALE:
+        return source
+    return ScaledSource(source, float(factor), tuple(v for v in (source.nodata, nodata) if v is not None))

@@ -27,6 +27,17 @@ Layout of the store at ``url``::
     <url>/overlay/...          zarr array
     <url>/_done/<iy>.<ix>      completion marker of chunk (iy, ix), content = run id
     <url>/png/<name>/<ty>/<tx>.png   PNG tiles (optional, :func:`write_png_tiles`)
+    <url>.lock                 lease of the run writing the store (:class:`StoreLease`)
+
+A run is identified by its run id, a hash of everything that shapes the stored pixels
+(:mod:`anomaly_dask.identity`). :meth:`OutputStore.create` resumes a store only for the
+same run id; given the identity itself it also records it (attribute ``identity``) and, on
+a mismatch, names what differs.
+
+One store has one writer at a time: :class:`StoreLease` claims ``<url>.lock`` beside the
+store (created atomically on local disks), refreshes a heartbeat in it while the run lasts
+and removes it at the end. A second run, and ``overwrite=True``, are refused while the
+lease is live; a lease left by a dead process (or with an old heartbeat) is taken over.
 
 The exporters (:func:`write_png_tiles`, :func:`write_quicklook`, :func:`write_geotiff`)
 stream: they read the zarr arrays a few chunks at a time and never hold a whole array.
@@ -34,12 +45,17 @@ stream: they read the zarr arrays a few chunks at a time and never hold a whole 
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -53,16 +69,23 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import AnomalyDaskError, InputNotFoundError, ParameterError
+from .identity import describe_differences, jsonable
 from .outputs import write_png
+
+log = logging.getLogger("anomaly_dask")
 
 __all__ = [
     "ARRAY_NAMES",
     "OutputExistsError",
     "OutputIncompleteError",
     "OutputLocationError",
+    "OutputLockedError",
     "OutputNotWritableError",
     "OutputStore",
+    "StoreLease",
     "georef_from_tiff",
+    "lease_url",
+    "read_lease",
     "write_geotiff",
     "write_png_tiles",
     "write_quicklook",
@@ -74,7 +97,7 @@ ARRAY_NAMES = ("score", "mask", "overlay")
 _DTYPES = {"score": np.dtype(np.float32), "mask": np.dtype(np.uint8), "overlay": np.dtype(np.uint8)}
 _FORMAT_KEY = "anomaly_dask_output"  # group attribute identifying a store written by this module
 _FORMAT_VERSION = 1
-_RESERVED_ATTRS = ("run_id", "complete", "layout", "summary", _FORMAT_KEY)
+_RESERVED_ATTRS = ("run_id", "complete", "layout", "summary", "identity", _FORMAT_KEY)
 _DONE_DIR = "_done"
 _DONE_DESCRIPTION = "completion markers <iy>.<ix> of the chunks written, each holding the run id"
 _MARKER_RE = re.compile(r"^(\d+)\.(\d+)$")
@@ -85,6 +108,10 @@ _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "ad
 
 class OutputExistsError(AnomalyDaskError, FileExistsError):
     """An output store of another run (or something that is not an output store) is in the way."""
+
+
+class OutputLockedError(OutputExistsError):
+    """Another live run holds the lease of the output store (see :class:`StoreLease`)."""
 
 
 class OutputLocationError(InputNotFoundError):
@@ -301,6 +328,9 @@ class OutputStore:
         attrs: Mapping[str, Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        *,
+        identity: Mapping[str, Any] | None = None,
+        lease: StoreLease | None = None,
     ) -> OutputStore:
         """Create the output store of a run, or reopen it to resume the same run.
 
@@ -317,13 +347,22 @@ class OutputStore:
             Identifier of this run. Reopening with the same id resumes: done chunks are kept.
         attrs : dict, optional
             JSON-serialisable attributes stored on the group (parameters, input URL, ...).
-            The keys ``run_id``, ``complete``, ``layout``, ``summary`` and
-            ``anomaly_dask_output`` are set by the store and override these.
+            The keys ``run_id``, ``complete``, ``layout``, ``summary``,
+            ``anomaly_dask_output`` (and ``identity`` when given) are set by the store and
+            override these.
         storage_options : dict, optional
             fsspec options (credentials, endpoint, ...), also used by the workers.
         overwrite : bool
             Delete an existing store of another run (or a stray zarr hierarchy) at ``url``
-            and start afresh. Never deletes a folder that is not a zarr store.
+            and start afresh. Never deletes a folder that is not a zarr store, nor a store
+            whose lease another run holds.
+        identity : dict, optional
+            What ``run_id`` was derived from (see :mod:`anomaly_dask.identity`); stored as
+            the attribute ``identity`` so that a later run of another id is told what
+            differs (e.g. "the input changed", "overlay_color differs").
+        lease : StoreLease, optional
+            The caller's own, held lease of ``url``. Any other live lease of ``url`` makes
+            this call fail; without one, any live lease does.
 
         Returns
         -------
@@ -332,11 +371,15 @@ class OutputStore:
         Raises
         ------
         ParameterError
-            On invalid sizes, an empty ``run_id`` or attributes that are not JSON.
+            On invalid sizes, an empty ``run_id``, attributes that are not JSON, or a
+            ``lease`` of another url.
         OutputLocationError
             If the parent folder or the bucket does not exist (nothing is written).
         OutputNotWritableError
             If the location cannot be written (nothing is written).
+        OutputLockedError
+            If another live run holds the lease of ``url`` (nothing is written or deleted,
+            even with ``overwrite``).
         OutputExistsError
             If a store of another run (or with another layout) is at ``url`` and ``overwrite``
             is false, or if ``url`` holds something that is not a zarr store.
@@ -348,21 +391,34 @@ class OutputStore:
             raise ParameterError(f"run_id must be a non-empty string, got {run_id!r}")
         user_attrs = dict(attrs or {})
         _check_json(user_attrs, "attrs")
+        ident = None if identity is None else jsonable(dict(identity))
+        _check_json(ident, "identity")
         url = _normalize_url(url)
+        if lease is not None and lease.url != url:
+            raise ParameterError(f"lease is of {lease.url}, not of {url}")
         store = cls(url, int(height), int(width), int(chunk), _options_key(storage_options), run_id)
         fs, path = store._fs()
 
         _check_location(fs, path, url)
         _check_writable(fs, path, url)
+        _refuse_live_lease(fs, path, url, None if lease is None else lease.token)
         existing = _existing_kind(store, fs, path)
         if existing is not None:
             kind, old_attrs = existing
             if kind == "ours" and not overwrite:
                 old_id = str(old_attrs.get("run_id"))
                 if old_id != run_id:
+                    why = ""
+                    old_ident = old_attrs.get("identity")
+                    if isinstance(old_ident, dict) and ident is not None:
+                        diffs = describe_differences(old_ident, ident)
+                        why = f" ({'; '.join(diffs)})" if diffs else ""
+                    elif ident is not None:
+                        why = " (the store records no identity: it was written by an older version)"
                     raise OutputExistsError(
-                        f"{url} holds the output of run {old_id!r}, not of run {run_id!r}; "
-                        "pass overwrite=True to delete it and start afresh, or another url"
+                        f"{url} holds the output of run {old_id!r}, not of run {run_id!r}{why}; "
+                        "resuming would mix the two, so pass overwrite=True to delete it and "
+                        "start afresh, or choose another url"
                     )
                 layout = old_attrs.get("layout", {})
                 want = {"height": store.height, "width": store.width, "chunk": store.chunk}
@@ -394,6 +450,8 @@ class OutputStore:
             "complete": False,
             "layout": {"height": store.height, "width": store.width, "chunk": store.chunk},
         }
+        if ident is not None:
+            group_attrs["identity"] = ident
         zarr.open_group(url, mode="w-", zarr_format=3, attributes=group_attrs, **store._zarr_kwargs())
         store._ensure_arrays()
         return store
@@ -621,6 +679,561 @@ def _check_writable(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
     except FileNotFoundError:
         pass
     fs.invalidate_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# lease: one store, one writer
+
+#: Seconds between two heartbeats of a held lease.
+LEASE_HEARTBEAT_S = 10.0
+#: A lease whose heartbeat is older than this many seconds is stale (unless its holder is a
+#: process of this host that still runs: that is checked directly).
+LEASE_TTL_S = 60.0
+_LEASE_FORMAT = "anomaly_dask_lease"
+_LEASE_SUFFIX = ".lock"
+_LEASE_ATTEMPTS = 5
+_HOST = socket.gethostname()
+
+
+def _process_scope() -> str | None:
+    """Kernel boot id and pid namespace (Linux): where a pid means the same process.
+
+    Containers sharing a host name (host networking) have pid namespaces of their own, and
+    two machines may share a host name; a pid is only checked when this scope matches.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+_SCOPE = _process_scope()
+
+
+def _lease_path(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """Filesystem path of the lease of the store at ``path``; None at a bucket's root."""
+    stripped = path.rstrip("/")
+    if fs.root_marker == "" and "/" not in stripped.strip("/"):
+        return None  # s3://bucket itself: a sibling "bucket.lock" would be another bucket
+    return stripped + _LEASE_SUFFIX
+
+
+def lease_url(url: str | os.PathLike[str]) -> str:
+    """URL of the lease file of the output store at ``url``: ``<url>.lock``, beside it.
+
+    Parameters
+    ----------
+    url : str or os.PathLike
+        Root of the store.
+
+    Returns
+    -------
+    str
+    """
+    return _normalize_url(url) + _LEASE_SUFFIX
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """State letter and start time (clock ticks since boot) of ``pid`` from /proc (Linux)."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            fields = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` of this host runs; None where that cannot be asked safely."""
+    if os.name == "nt":  # os.kill would terminate the process there
+        return None
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # runs, as another user
+        return True
+    except (OverflowError, OSError):
+        return False
+    stat = _proc_stat(pid)
+    return not (stat is not None and stat[0] in "ZX")  # a zombie is dead, only not reaped
+
+
+def _epoch(value: Any) -> float | None:
+    if isinstance(value, _dt.datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)).timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _read_lease_file(fs: fsspec.AbstractFileSystem, lock: str) -> tuple[bytes | None, float | None]:
+    """Bytes of the lease file and its modification time (None, None when there is none)."""
+    fs.invalidate_cache(lock)
+    try:
+        raw = fs.cat_file(lock)
+    except FileNotFoundError:
+        return None, None
+    try:
+        info = fs.info(lock)
+    except FileNotFoundError:
+        return raw, None
+    lowered = {str(k).lower(): v for k, v in info.items()}
+    for key in ("mtime", "lastmodified", "last_modified", "updated", "created"):
+        t = _epoch(lowered.get(key))
+        if t is not None:
+            return raw, t
+    return raw, None
+
+
+def _parse_lease(raw: bytes | None) -> dict[str, Any] | None:
+    """The record of a lease file, or None when it is empty, partial or not ours."""
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != _LEASE_FORMAT:
+        return None
+    return record
+
+
+def _judge_lease(
+    record: dict[str, Any] | None, file_time: float | None, ttl: float, now: float | None = None
+) -> tuple[bool, str]:
+    """Whether a lease is live, and why (in words)."""
+    now = time.time() if now is None else now
+    if record is None:  # being written right now, or left half-written by a killed run
+        if file_time is not None and now - file_time < ttl:
+            return True, "its lease file is being written"
+        return False, "its lease file is unreadable and not recent"
+    host, pid = record.get("host"), record.get("pid")
+    same_scope = host == _HOST and record.get("scope") == _SCOPE
+    if same_scope and isinstance(pid, int) and not isinstance(pid, bool):
+        alive = _pid_alive(pid)
+        if alive is False:
+            return False, f"process {pid} on this host ({host}) is gone"
+        if alive:
+            start, stat = record.get("pid_start"), _proc_stat(pid)
+            if start is not None and stat is not None and stat[1] != start:
+                return False, f"process {pid} on this host is not the one that took the lease (pid reused)"
+            return True, f"process {pid} on this host ({host}) is running"
+    beat = _epoch(record.get("heartbeat"))
+    if beat is None:
+        return False, "its lease records no heartbeat"
+    age = now - beat
+    if age < ttl:
+        return True, f"its last heartbeat was {max(age, 0.0):.0f} s ago"
+    return False, f"its last heartbeat was {age:.0f} s ago (more than {ttl:.0f} s)"
+
+
+def _holder(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "an unknown run"
+    run = str(record.get("run_id", "?"))
+    return (
+        f"run {run[:12]} (pid {record.get('pid')} on host {record.get('host')}, "
+        f"started {record.get('started_utc')}, last heartbeat {record.get('heartbeat_utc')})"
+    )
+
+
+def _locked_message(url: str, record: dict[str, Any] | None, why: str) -> str:
+    return (
+        f"{url} is being written by {_holder(record)}: {why}. overwrite=True does not delete "
+        f"a store in use either. Wait for that run to finish "
+        f"(or stop it), or write to another url. A lease whose holder died is taken over "
+        f"automatically once its process is gone (same host) or its heartbeat is older than "
+        f"{LEASE_TTL_S:.0f} s; to force it, delete {url}{_LEASE_SUFFIX}."
+    )
+
+
+def read_lease(
+    url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The lease of the output store at ``url``, if any, with a verdict on it.
+
+    Parameters
+    ----------
+    url : str or os.PathLike
+        Root of the store.
+    storage_options : dict, optional
+        fsspec options.
+
+    Returns
+    -------
+    dict or None
+        None when there is no lease file; else the record written by its holder
+        (``run_id``, ``host``, ``pid``, ``started``, ``heartbeat``, ...; empty when
+        unreadable) plus ``live`` (bool) and ``reason`` (str).
+    """
+    url = _normalize_url(url)
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    lock = _lease_path(fs, path)
+    if lock is None:
+        return None
+    raw, file_time = _read_lease_file(fs, lock)
+    if raw is None:
+        return None
+    record = _parse_lease(raw)
+    live, why = _judge_lease(record, file_time, LEASE_TTL_S)
+    return {**(record or {}), "live": live, "reason": why}
+
+
+def _refuse_live_lease(fs: fsspec.AbstractFileSystem, path: str, url: str, own_token: str | None) -> None:
+    """Raise OutputLockedError when a live lease of another run guards ``path``."""
+    lock = _lease_path(fs, path)
+    if lock is None:
+        return
+    raw, file_time = _read_lease_file(fs, lock)
+    if raw is None:
+        return
+    record = _parse_lease(raw)
+    if record is not None and own_token is not None and record.get("token") == own_token:
+        return
+    live, why = _judge_lease(record, file_time, LEASE_TTL_S)
+    if live:
+        raise OutputLockedError(_locked_message(url, record, why))
+
+
+class StoreLease:
+    """Exclusive claim of one output store by one run, kept alive by a heartbeat.
+
+    The lease is the file ``<url>.lock`` beside the store (see :func:`lease_url`). It lies
+    outside the store so that it can be taken before anything in the store is read,
+    created or deleted (``overwrite``), and so that deleting or recreating the store never
+    touches it; readers of the store never see it. It holds JSON: ``run_id``, ``token``
+    (unique per lease), ``host``, ``scope`` (Linux: boot id and pid namespace), ``pid``,
+    ``pid_start`` (Linux: the process's start time, which tells a reused pid apart),
+    ``started`` and ``heartbeat`` (Unix times, also as ISO-8601 UTC). A background thread rewrites ``heartbeat`` every ``heartbeat_s``
+    seconds; :meth:`release` (also on errors and KeyboardInterrupt when used as a context
+    manager) deletes the file.
+
+    A lease found at :meth:`acquire` is *live*, and the call fails with
+    :class:`OutputLockedError`, when its holder is a process of this host (same host name
+    and scope) that still runs, or, for a holder elsewhere, when its heartbeat is younger
+    than ``ttl_s``. Other
+    leases are stale (the holder was killed, e.g. ``kill -9``, or its machine died) and are
+    taken over, with a warning in the log.
+
+    On a local filesystem the file is created atomically (``O_CREAT | O_EXCL``), so of two
+    runs starting together exactly one gets it; a stale lease is first renamed aside (only
+    one run's rename succeeds) and checked to be the one judged stale. Heartbeats replace
+    the file atomically (``os.replace``) after checking that it is still this lease.
+
+    Limitations: other filesystems (S3, GCS, ...) offer no portable create-if-absent, so
+    there the file is written, then read back, and the last writer wins: two runs starting
+    within the same moment may both believe they hold it until the next heartbeat, which
+    reads the file again; the loser then marks its lease lost, and a caller that checks
+    (:meth:`check`; ``detect`` does after every chunk and before marking the store
+    complete) stops. Liveness across hosts relies on clocks
+    agreeing to well within ``ttl_s``; a process that is alive but hung keeps its lease on
+    its own host. Between a heartbeat's check and its write another run could take over;
+    the window is a few milliseconds every ``heartbeat_s``.
+
+    Parameters
+    ----------
+    url : str or os.PathLike
+        Root of the store.
+    run_id : str
+        Id of the run taking the lease (recorded, shown to a refused run).
+    storage_options : dict, optional
+        fsspec options.
+    heartbeat_s : float
+        Seconds between heartbeats.
+    ttl_s : float
+        Age of the heartbeat after which a lease held from another host is stale.
+
+    Raises
+    ------
+    ParameterError
+        For a store at the root of a bucket (put it in a folder: its lease lies beside it).
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        run_id: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        heartbeat_s: float = LEASE_HEARTBEAT_S,
+        ttl_s: float = LEASE_TTL_S,
+    ) -> None:
+        if not (heartbeat_s > 0 and ttl_s > heartbeat_s):
+            raise ParameterError(f"need 0 < heartbeat_s < ttl_s, got {heartbeat_s}, {ttl_s}")
+        self.url = _normalize_url(url)
+        self.run_id = str(run_id)
+        self.storage_options = dict(storage_options or {})
+        self.heartbeat_s = float(heartbeat_s)
+        self.ttl_s = float(ttl_s)
+        self.token = uuid.uuid4().hex
+        self._fs, self._path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        lock = _lease_path(self._fs, self._path)
+        if lock is None:
+            raise ParameterError(
+                f"{self.url} is the root of a bucket; write the output store into a folder of "
+                f"it (e.g. {self.url}/out.zarr): its lease file lies beside the store"
+            )
+        self._lock = lock
+        self._started: float | None = None
+        self._held = False
+        self._lost: str | None = None
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- state ----------------------------------------------------------------------------
+
+    @property
+    def lock_url(self) -> str:
+        """URL of the lease file."""
+        return self.url + _LEASE_SUFFIX
+
+    @property
+    def held(self) -> bool:
+        """Whether this lease is held (acquired, not released, not lost)."""
+        return self._held and self._lost is None
+
+    @property
+    def lost(self) -> str | None:
+        """Why this lease was lost to another run while held, or None."""
+        return self._lost
+
+    def check(self) -> None:
+        """Raise unless this lease is still held.
+
+        Raises
+        ------
+        OutputLockedError
+            If the lease was lost to another run, or is not held.
+        """
+        if self._lost is not None:
+            raise OutputLockedError(
+                f"{self.url}: this run (run {self.run_id[:12]}) lost its lease: {self._lost}; "
+                "the store was not marked complete. Make sure only one run writes it, then "
+                "resume."
+            )
+        if not self._held:
+            raise OutputLockedError(f"{self.url}: the lease of run {self.run_id[:12]} is not held")
+
+    def _record(self) -> bytes:
+        now = time.time()
+        stat = _proc_stat(os.getpid())
+        record = {
+            "format": _LEASE_FORMAT, "version": 1, "store": self.url, "run_id": self.run_id,
+            "token": self.token, "host": _HOST, "scope": _SCOPE, "pid": os.getpid(),
+            "pid_start": None if stat is None else stat[1],
+            "started": self._started, "started_utc": _iso(self._started),
+            "heartbeat": now, "heartbeat_utc": _iso(now),
+        }  # fmt: skip
+        return json.dumps(record, indent=1, sort_keys=True).encode()
+
+    # ---- taking ---------------------------------------------------------------------------
+
+    def acquire(self) -> StoreLease:
+        """Take the lease, or fail because another live run holds it.
+
+        Returns
+        -------
+        StoreLease
+            ``self``, held, its heartbeat thread running.
+
+        Raises
+        ------
+        OutputLocationError, OutputNotWritableError
+            If the store's location does not exist or cannot be written (nothing written).
+        OutputLockedError
+            If another live run holds the lease (the message names it and what to do).
+        """
+        if self._held:
+            raise ParameterError(f"the lease of {self.url} is already held by this object")
+        _check_location(self._fs, self._path, self.url)
+        _check_writable(self._fs, self._path, self.url)
+        self._started = time.time()
+        self._lost = None
+        local = _is_local(self._fs)
+        for _ in range(_LEASE_ATTEMPTS):
+            if self._try_local() if local else self._try_remote():
+                break
+        else:
+            raise OutputLockedError(
+                f"{self.url}: could not take the lease {self.lock_url}: other runs kept taking "
+                "it at the same time; make sure only one run writes this store"
+            )
+        self._held = True
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name=f"anomaly_dask-lease-{self.run_id[:8]}", daemon=True
+        )
+        self._thread.start()
+        log.debug("%s: lease taken by run %s", self.url, self.run_id[:12])
+        return self
+
+    def _judge_found(self, raw: bytes, file_time: float | None) -> None:
+        """Raise for a live lease found in the way; log the takeover of a stale one."""
+        record = _parse_lease(raw)
+        if record is None and raw.strip() and not raw.lstrip().startswith(b"{"):
+            raise OutputLockedError(
+                f"{self.url}: {self.lock_url} exists and is not an anomaly_dask lease; "
+                "refusing to replace it (move it away, or write the store elsewhere)"
+            )
+        live, why = _judge_lease(record, file_time, self.ttl_s)
+        if live:
+            raise OutputLockedError(_locked_message(self.url, record, why))
+        log.warning("%s: taking over the stale lease of %s: %s", self.url, _holder(record), why)
+
+    def _try_local(self) -> bool:
+        try:
+            fd = os.open(self._lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass
+        except FileNotFoundError as err:
+            raise OutputLocationError(f"{self.url}: cannot create the lease {self._lock} ({err})") from err
+        except PermissionError as err:
+            raise OutputNotWritableError(f"{self.url}: cannot create the lease {self._lock} ({err})") from err
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._record())
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        raw, file_time = _read_lease_file(self._fs, self._lock)
+        if raw is None:
+            return False  # released meanwhile: try again
+        self._judge_found(raw, file_time)
+        aside = f"{self._lock}.stale-{uuid.uuid4().hex[:12]}"
+        try:
+            os.rename(self._lock, aside)  # of several runs taking over, one rename succeeds
+        except FileNotFoundError:
+            return False
+        try:
+            with open(aside, "rb") as f:
+                moved = f.read()
+            if moved != raw:  # it changed after it was judged: put it back, judge again
+                try:
+                    os.link(aside, self._lock)
+                except FileExistsError:
+                    pass
+                except OSError:  # no hard links here
+                    if not os.path.exists(self._lock):
+                        os.rename(aside, self._lock)
+        finally:
+            try:
+                os.unlink(aside)
+            except FileNotFoundError:
+                pass
+        return False
+
+    def _try_remote(self) -> bool:
+        raw, file_time = _read_lease_file(self._fs, self._lock)
+        if raw is not None:
+            self._judge_found(raw, file_time)
+        self._fs.pipe_file(self._lock, self._record())
+        back, _ = _read_lease_file(self._fs, self._lock)
+        record = _parse_lease(back)
+        return record is not None and record.get("token") == self.token
+
+    # ---- keeping --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.heartbeat()
+            except Exception as err:  # noqa: BLE001 - a network hiccup must not end the run
+                log.warning(
+                    "%s: lease heartbeat failed (%s: %s); retrying", self.url, type(err).__name__, err
+                )
+            if self._lost is not None:
+                return
+
+    def heartbeat(self) -> None:
+        """Refresh the heartbeat now (the background thread does this every ``heartbeat_s``).
+
+        If the lease file now belongs to another run, the lease is marked lost (see
+        :attr:`lost`, :meth:`check`) and left alone; if it vanished, it is recreated.
+        """
+        with self._mutex:
+            if not self._held or self._lost is not None:
+                return
+            raw, _ = _read_lease_file(self._fs, self._lock)
+            record = _parse_lease(raw)
+            if raw is None:
+                log.warning("%s: the lease file %s vanished; taking it again", self.url, self._lock)
+                try:
+                    again = self._try_local() if _is_local(self._fs) else self._try_remote()
+                except OutputLockedError:
+                    again = False
+                if not again:
+                    self._lost = "its lease file vanished and another run took it"
+            elif record is None or record.get("token") != self.token:
+                self._lost = f"the lease now belongs to {_holder(record)}"
+            elif _is_local(self._fs):
+                tmp = f"{self._lock}.{self.token[:12]}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(self._record())
+                os.replace(tmp, self._lock)
+            else:
+                self._fs.pipe_file(self._lock, self._record())
+            if self._lost is not None:
+                log.error("%s: run %s lost its lease: %s", self.url, self.run_id[:12], self._lost)
+
+    # ---- giving back ----------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lease file if it is still this lease's.
+
+        Never raises for a failed deletion (it is logged): a leftover lease is stale once
+        this process has ended, and is taken over then.
+        """
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=max(5.0, 2 * self.heartbeat_s))
+        with self._mutex:
+            if not self._held:
+                return
+            self._held = False
+            if self._lost is not None:
+                return
+            try:
+                raw, _ = _read_lease_file(self._fs, self._lock)
+                record = _parse_lease(raw)
+                if record is not None and record.get("token") == self.token:
+                    if _is_local(self._fs):
+                        os.unlink(self._lock)
+                    else:
+                        self._fs.rm_file(self._lock)
+                    self._fs.invalidate_cache(self._lock)
+            except FileNotFoundError:
+                pass
+            except Exception as err:  # noqa: BLE001 - never mask the run's own outcome
+                log.warning(
+                    "%s: could not remove the lease %s (%s: %s)",
+                    self.url,
+                    self._lock,
+                    type(err).__name__,
+                    err,
+                )
+
+    def __enter__(self) -> StoreLease:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "lost" if self._lost else "held" if self._held else "not held"
+        return f"StoreLease({self.url!r}, run {self.run_id[:12]}, {state})"
 
 
 # --------------------------------------------------------------------------------------------

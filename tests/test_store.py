@@ -19,8 +19,11 @@ from anomaly_dask.store import (
     OutputExistsError,
     OutputIncompleteError,
     OutputLocationError,
+    OutputLockedError,
     OutputStore,
+    StoreLease,
     georef_from_tiff,
+    lease_url,
     write_geotiff,
     write_png_tiles,
     write_quicklook,
@@ -139,6 +142,46 @@ def test_resume_keeps_done_chunks_and_refuses_other_runs(tmp_path: Path) -> None
     assert fresh.attrs["run_id"] == "run-2" and fresh.attrs["complete"] is False
     assert not fresh.read("score")[:].any()
     assert fresh.read("mask").chunks == (32, 32)
+
+
+def test_identity_is_recorded_and_differences_named(tmp_path: Path) -> None:
+    url = str(tmp_path / "run.zarr")
+    ident = {
+        "model": "m" * 64,
+        "overlay_color": (255, 0, 0),
+        "input_content": {"size": 10, "pixels_sha256": "a"},
+    }
+    OutputStore.create(url, H, W, CHUNK, "run-1", {}, identity=ident)
+    assert OutputStore.open(url).attrs["identity"]["overlay_color"] == [255, 0, 0]
+    other = {**ident, "overlay_color": (0, 0, 255), "input_content": {"size": 10, "pixels_sha256": "b"}}
+    with pytest.raises(OutputExistsError) as info:
+        OutputStore.create(url, H, W, CHUNK, "run-2", {}, identity=other)
+    text = str(info.value)
+    assert "the input changed (sampled pixels)" in text and "overlay_color differs" in text
+    assert "overwrite=True" in text
+    old = str(tmp_path / "old.zarr")  # a store of an earlier version: no identity recorded
+    OutputStore.create(old, H, W, CHUNK, "run-1", {})
+    with pytest.raises(OutputExistsError, match="records no identity"):
+        OutputStore.create(old, H, W, CHUNK, "run-2", {}, identity=other)
+
+
+def test_live_lease_blocks_create_and_overwrite(tmp_path: Path) -> None:
+    url = str(tmp_path / "run.zarr")
+    full_store(url)
+    with StoreLease(url, "run-1") as lease:
+        assert os.path.isfile(lease_url(url)) and lease.lock_url == lease_url(url)
+        for run_id, overwrite in (("run-1", False), ("run-2", True)):
+            with pytest.raises(OutputLockedError, match="being written by run run-1") as info:
+                OutputStore.create(url, H, W, CHUNK, run_id, {}, overwrite=overwrite)
+            assert isinstance(info.value, OutputExistsError)
+        assert OutputStore.open(url).attrs["complete"] is True  # nothing deleted
+        resumed = OutputStore.create(url, H, W, CHUNK, "run-1", {}, lease=lease)  # its own lease
+        assert resumed.done_chunks() == set(resumed.all_chunks())
+        with pytest.raises(ParameterError, match="lease"):
+            OutputStore.create(str(tmp_path / "other.zarr"), H, W, CHUNK, "run-1", {}, lease=lease)
+    assert not os.path.exists(lease_url(url))
+    fresh = OutputStore.create(url, H, W, CHUNK, "run-2", {}, overwrite=True)
+    assert fresh.done_chunks() == set()
 
 
 def test_all_zero_chunk_is_done_and_written(tmp_path: Path) -> None:
