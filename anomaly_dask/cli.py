@@ -346,8 +346,17 @@ def _run(args: argparse.Namespace) -> int:
             import bokeh  # noqa: F401 - distributed.performance_report renders with bokeh
         except ImportError:
             raise CliError("--performance-report needs bokeh: pip install 'bokeh>=3.1'") from None
+    # Everything that can be refused is refused before a cluster starts: the parameters, the
+    # model file (loaded and checked here; the client is attached below), the outputs.
     if args.command == "train":
+        AnomalyDetector(**detector_kw, verbose=verbose, storage_options=options)._settings()
         check_model_target(args.model, options)
+        ad = None
+    else:
+        ad = AnomalyDetector.load(
+            args.model, storage_options=options, trusted_keys=args.trusted_keys, **detector_kw,
+            verbose=verbose,
+        )
     if args.command == "detect":
         stores = output_for(args.inputs, args.output)
         if stores[0] != args.output.rstrip("/"):
@@ -373,9 +382,7 @@ def _run(args: argparse.Namespace) -> int:
             _say(args, f"model {args.model} (fingerprint {fp[:12]}): threshold {ad.threshold_:.4f}, "
                        f"{ad.n_components_} PCA components, {time.perf_counter() - t0:.1f} s")
             return 0
-        ad = AnomalyDetector.load(
-            args.model, storage_options=options, trusted_keys=args.trusted_keys, **detector_kw, **common
-        )
+        ad.client = client
         if args.command == "evaluate":
             result = ad.evaluate(args.test, args.ground_truth, args.output, overlays=not args.no_overlays)
             overall = {k: v for k, v in result.items() if k not in ("images", "report")}

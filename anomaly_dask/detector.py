@@ -835,6 +835,10 @@ class AnomalyDetector:
         from .model_file import check_model
         from .params import RUNTIME
 
+        # The caller's own settings are checked first, so that their errors are not
+        # blamed on the file (they are ParameterErrors, not ModelFileErrors).
+        validate({k: v for k, v in overrides.items() if k in RUNTIME or k not in DEFAULTS})
+        _check_device(overrides.get("device"))
         config, tensors, fp = read_model(path, storage_options, trusted_keys=trusted_keys)
         check_model(config, tensors, str(path), runtime={k: v for k, v in overrides.items() if k in RUNTIME})
         stored = {k: v for k, v in config["params"].items() if k not in RUNTIME}

@@ -64,6 +64,15 @@ def check_writable(fs: fsspec.AbstractFileSystem, folder: str, label: str | None
         fs.rm(probe)
     except (OSError, PermissionError, ValueError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+        parent = folder.rstrip("/")
+        while parent.strip("/"):
+            try:
+                if fs.isfile(parent):
+                    reason = f"{parent!r} is a file, not a folder"
+                    break
+            except OSError:
+                break
+            parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
         raise OutputError(
             f"cannot write to {label or folder!r} ({reason}); choose a writable location or fix its permissions"
         ) from None

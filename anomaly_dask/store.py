@@ -417,7 +417,7 @@ class OutputStore:
                         why = " (the store records no identity: it was written by an older version)"
                     raise OutputExistsError(
                         f"{url} holds the output of run {old_id!r}, not of run {run_id!r}{why}; "
-                        "resuming would mix the two, so pass overwrite=True to delete it and "
+                        "resuming would mix the two, so pass overwrite=True (--overwrite) to delete it and "
                         "start afresh, or choose another url"
                     )
                 layout = old_attrs.get("layout", {})
@@ -425,7 +425,7 @@ class OutputStore:
                 if {k: layout.get(k) for k in want} != want:
                     raise OutputExistsError(
                         f"{url} holds run {run_id!r} with layout {layout}, not {want}; "
-                        "pass overwrite=True to delete it and start afresh"
+                        "pass overwrite=True (--overwrite) to delete it and start afresh"
                     )
                 store._ensure_arrays()
                 return store
@@ -437,7 +437,7 @@ class OutputStore:
             if not overwrite:  # a zarr hierarchy we did not write, or one half created
                 raise OutputExistsError(
                     f"{url} holds a zarr hierarchy that is not an anomaly_dask output store of "
-                    f"run {run_id!r}; pass overwrite=True to delete it and start afresh"
+                    f"run {run_id!r}; pass overwrite=True (--overwrite) to delete it and start afresh"
                 )
         if existing is not None:
             fs.rm(path, recursive=True)

@@ -94,7 +94,8 @@ def test_bad_storage_option_is_one_line(capsys):
     assert code == 1 and err.strip() == "anomaly-dask: error: --storage-option 'oops' must look like KEY=VALUE"
 
 
-def test_unreachable_scheduler_fails_fast_with_one_line(tmp_path):
+def test_unreachable_scheduler_fails_fast_with_one_line(fast_model, tmp_path):
+    fast_model.save(str(tmp_path / "m.safetensors"))  # the model is checked before connecting
     port = _closed_port()
     t0 = time.perf_counter()
     proc = subprocess.run(

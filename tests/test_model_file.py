@@ -611,3 +611,35 @@ def test_cli_signing_options(tmp_path, capsys):
                      "--signing-key", str(tmp_path / "none.pem")])
     err = capsys.readouterr().err
     assert code == 1 and "signing key" in err and "does not exist" in err
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED) + ["nested_config", "pickle", "truncated"])
+def test_cli_refuses_every_crafted_model_in_one_line(case, parts, small_folder, tmp_path, capsys):
+    """The CLI on each hostile file: exit 1, one line naming the file, no traceback, no output."""
+    from anomaly_dask import cli
+
+    config, tensors = _copy(parts)
+    path = tmp_path / f"{case}.safetensors"
+    if case in CRAFTED:
+        CRAFTED[case][0](config, tensors)
+        write_model(str(path), config, tensors)
+    elif case == "nested_config":
+        _write_raw(path, "[" * 200_000 + "]" * 200_000, tensors)
+    elif case == "pickle":
+        path.write_bytes(b"\x80\x04\x95" + b"\0" * 64)
+    else:
+        write_model(str(path), config, tensors)
+        path.write_bytes(path.read_bytes()[:-100])
+    out = tmp_path / "out"
+    image = str(small_folder / "test" / "test0.png")
+    for argv in (["detect", str(path), image, "--output", str(out)],
+                 ["evaluate", str(path), image, "--ground-truth", image, "--output", str(out)]):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        err = capsys.readouterr().err
+        assert code == 1, (argv[0], err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert str(path) in err
+        assert not out.exists()

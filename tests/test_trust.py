@@ -216,3 +216,16 @@ def test_path_helpers_keep_relative_folders(tmp_path):
     root = Path("/data/in")
     files = [str(root / "a" / "x.png"), str(root / "b" / "deep" / "x.tif"), str(root / "y.jpeg")]
     assert output_names(str(root), files) == ["a/x", "b/deep/x", "y"]
+
+
+def test_cli_nested_storage_options_with_a_png_input(fast_model, small_folder, tmp_path, capsys):
+    model = tmp_path / "m.safetensors"
+    fast_model.save(str(model))
+    out = tmp_path / "o.zarr"
+    argv = ["detect", str(model), str(small_folder / "test" / "test0.png"), "--output", str(out),
+            "--storage-option", "client_kwargs.headers.x-a=1", "--workers", "1", "-q"]
+    code, err = _run_main(argv, capsys)
+    assert code == 0, err
+    import zarr
+
+    assert zarr.open_group(str(out), mode="r").attrs["complete"] is True
