@@ -380,3 +380,33 @@ def test_lease_on_memory_filesystem() -> None:
         with pytest.raises(OutputLockedError):
             StoreLease(url, "n").acquire()
     assert read_lease(url) is None
+
+
+def test_cli_resume_and_lease_refusals_are_one_line(fast_model: AnomalyDetector, tmp_path: Path,
+                                                    capsys: Any) -> None:
+    """The findings through the CLI: changed input, other overlay colour, a live lease."""
+    from anomaly_dask import cli
+
+    model = str(tmp_path / "m.safetensors")
+    fast_model.save(model)
+    image, out = write_input(tmp_path / "in.tif", 1), str(tmp_path / "out.zarr")
+
+    def run(*extra: str) -> tuple[int, str]:
+        try:
+            code = cli.main(["detect", model, image, "--output", out, "--workers", "1", "-q", *extra])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        return code, capsys.readouterr().err
+
+    assert run()[0] == 0
+    code, err = run("--overlay-color", "0", "0", "255")
+    assert code == 1 and "overlay_color differs" in err and "--overwrite" in err
+    write_input(tmp_path / "in.tif", 2)
+    code, err = run()
+    assert code == 1 and "the input changed" in err
+    fake_lease(out, host="elsewhere.example", pid=1, heartbeat=time.time())
+    code, err = run("--overwrite")
+    assert code == 1 and "elsewhere.example" in err
+    for text in (err,):
+        assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
+    assert zarr.open_group(out, mode="r").attrs["complete"] is True  # the old store survives

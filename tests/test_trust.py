@@ -229,3 +229,22 @@ def test_cli_nested_storage_options_with_a_png_input(fast_model, small_folder, t
     import zarr
 
     assert zarr.open_group(str(out), mode="r").attrs["complete"] is True
+
+
+def test_cli_bit_depth_mismatch_is_one_line(gray_case, tmp_path, capsys):
+    import tifffile
+
+    det, test = gray_case
+    model = tmp_path / "m.safetensors"
+    det.save(str(model))
+    tifffile.imwrite(tmp_path / "far.tif", test.astype(np.float32) * 16.0)
+    tifffile.imwrite(tmp_path / "x257.tif", test.astype(np.uint16) * 257)
+    out = tmp_path / "out"
+    code, err = _run_main(["detect", str(model), str(tmp_path / "far.tif"), "--output", str(out),
+                           "--workers", "1", "-q"], capsys)
+    assert code == 1 and "convert the image" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (out / "far.zarr").exists()
+    code, err = _run_main(["detect", str(model), str(tmp_path / "x257.tif"), "--output", str(out),
+                           "--workers", "1", "-q"], capsys)
+    assert code == 0, err
