@@ -23,64 +23,11 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from .params import DEFAULTS
+from .config import PARAMS, Param, options_for
 
 __all__ = ["build_parser", "main", "make_local_folder", "output_for", "parse_storage_options"]
 
 PROG = "anomaly-dask"
-
-#: Keyword arguments that are not detector options on the command line.
-_SKIPPED = ("client", "storage_options", "verbose")
-
-#: Options that may change how a loaded model runs (``detect``); the rest are learned.
-RUNTIME = (
-    "chunk_size", "nodata", "overlay_color", "overlay_opacity", "device", "cnn_batchsize",
-    "false_alarm_rate",
-)
-
-#: Types of the options whose default is None.
-_NONE_TYPES: dict[str, Any] = {
-    "tile_height": int, "tile_width": int, "stride_height": int, "stride_width": int,
-    "kmeans_random": int, "random_state": int, "threshold": float, "nodata": float, "device": str,
-    "threshold_mode": str,
-}
-
-_HELP = {
-    "tile": "tile size in px", "tile_height": "tile height (overrides --tile)",
-    "tile_width": "tile width (overrides --tile)", "stride": "distance between tile corners in px",
-    "stride_height": "vertical stride (overrides --stride)",
-    "stride_width": "horizontal stride (overrides --stride)",
-    "cnn_batchsize": "tiles per forward pass in patch mode",
-    "device": "torch device (cpu, cuda, ...); default: CUDA if available",
-    "pca_variance": "fraction of variance kept by PCA", "kmeans_clusters": "dictionary size",
-    "kmeans_trials": "k-means restarts when seeding the dictionary",
-    "kmeans_random": "alias of --random-state",
-    "kmeans_neighbors": "centroids averaged per tile score",
-    "threshold_mode": "seed-compatible rules, each a false-alarm rate: cdf (1 - CDF), zscore "
-    "(Gaussian tail beyond ZSCORE), manual (THRESHOLD in calibrated units); default: --false-alarm-rate",
-    "cdf": "threshold mode cdf: mark the share 1 - CDF of normal pixels",
-    "zscore": "threshold mode zscore: mark the Gaussian tail share beyond ZSCORE (1.645: 5 %%)",
-    "threshold": "threshold mode manual: calibrated score (-log10 of the normal share), e.g. 3",
-    "false_alarm_rate": "share of normal pixels marked (calibrated on validation pixels)",
-    "calibration_groups": "calibration groups: centroid (within distance to no-data), distance, global",
-    "memory_size": "coreset of training tiles scored against (0: distance to centroids)",
-    "auto_threshold": "learn the threshold (--no-auto-threshold: manual --threshold)",
-    "overlay_color": "overlay colour as R G B", "overlay_opacity": "overlay opacity in [0, 1]",
-    "val_fraction": "share of training images (or regions) used for validation without --val",
-    "features": "dense (one pass per chunk) or patch (one pass per tile)",
-    "backbone": "CNN backbone", "weights": "imagenet, none (random, seeded) or a state-dict path/URL",
-    "layers": "backbone stages pooled into tile features",
-    "upsample": "dense mode magnification", "patch_size": "patch mode network input size",
-    "chunk_size": "processing chunk in px", "max_fit_tiles": "most tile features held while fitting",
-    "max_train_chunks": "most training chunks used", "nodata": "no-data value of the inputs",
-    "random_state": "seed of sampling, splits, PCA, k-means and random weights",
-}
-
-_CHOICES: dict[str, list[Any]] = {
-    "threshold_mode": ["cdf", "zscore", "manual"], "features": ["dense", "patch"],
-    "calibration_groups": ["centroid", "distance", "global"],
-    "upsample": [1, 2, 4],
-}
 
 
 class CliError(Exception):
@@ -95,40 +42,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {where}{message} (see --help)\n")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _weights(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
-def _add_detector_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
-    from .backbones import BACKBONES
+def _option(p: Param) -> dict[str, Any]:
+    """``add_argument`` keywords of a detector option, from its row of the parameter table."""
+    kw: dict[str, Any] = {"dest": p.name, "default": argparse.SUPPRESS, "help": p.cli_help()}
+    if p.metavar is not None:
+        kw["metavar"] = p.metavar
+    if p.kind == "flag":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif p.kind == "rgb":
+        kw.update(nargs=3, type=int)
+    elif p.kind == "stages":
+        kw["nargs"] = "+"
+    elif p.kind == "weights":
+        kw["type"] = _weights
+    elif p.kind == "choice":
+        kw.update(choices=list(p.choices), type=type(p.choices[0]))
+    else:
+        kw["type"] = {"int": int, "real": float, "nodata": float, "device": str}[p.kind]
+    return kw
 
+
+def _add_detector_options(parser: argparse.ArgumentParser, command: str) -> None:
     group = parser.add_argument_group("detector options (AnomalyDetector keyword arguments)")
-    for name in names:
-        default = DEFAULTS[name]
-        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
-        shown = "none" if default is None else " ".join(map(str, default)) if isinstance(default, tuple) else default
-        helptext = f"{_HELP.get(name, name)} (default: {shown})"
-        if name == "weights":
-            kw.update(type=_weights, metavar="imagenet|none|PATH")
-        elif name == "backbone":
-            kw.update(choices=sorted(BACKBONES))
-        elif name == "layers":
-            kw.update(nargs="+", metavar="STAGE")
-        elif name == "overlay_color":
-            kw.update(nargs=3, type=int, metavar=("R", "G", "B"))
-        elif isinstance(default, bool):
-            kw.update(action=argparse.BooleanOptionalAction)
-        elif default is None:
-            kw.update(type=_NONE_TYPES[name])
-        else:
-            kw.update(type=type(default))
-        if name in _CHOICES:
-            kw["choices"] = _CHOICES[name]
-        group.add_argument(_flag(name), help=helptext, **kw)
+    for p in options_for(command):
+        group.add_argument(p.flag, **_option(p))
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -162,8 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="CNN-tile anomaly detection for very large images on Dask.",
     )
     sub = parser.add_subparsers(dest="command", metavar="{train,detect,evaluate,keygen}", required=True)
-    names = [n for n in DEFAULTS if n not in _SKIPPED]
-
     train = sub.add_parser("train", help="learn a model from anomaly-free images",
                            description="Learn a model from anomaly-free images and save it.")
     train.add_argument("train", metavar="TRAIN", help="training image or folder (path or URL)")
@@ -172,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--signing-key", metavar="PATH",
                        help="sign the model with this Ed25519 private key (PEM, from anomaly-dask keygen)")
     _add_common_options(train)
-    _add_detector_options(train, names)
+    _add_detector_options(train, "train")
 
     detect = sub.add_parser("detect", help="score large images into zarr stores",
                             description="Score images chunk by chunk into zarr stores (resumable).")
@@ -190,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--trusted-key", dest="trusted_keys", action="append", default=None, metavar="PATH",
                         help="load the model only if signed by this Ed25519 public key (PEM); repeatable")
     _add_common_options(detect)
-    _add_detector_options(detect, [n for n in names if n in RUNTIME])
+    _add_detector_options(detect, "detect")
 
     evaluate = sub.add_parser(
         "evaluate", help="score test images against ground-truth masks",
@@ -207,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--trusted-key", dest="trusted_keys", action="append", default=None, metavar="PATH",
                         help="load the model only if signed by this Ed25519 public key (PEM); repeatable")
     _add_common_options(evaluate)
-    _add_detector_options(evaluate, [n for n in names if n in RUNTIME])
+    _add_detector_options(evaluate, "evaluate")
 
     keygen = sub.add_parser(
         "keygen", help="make an Ed25519 key pair for signing models",
@@ -325,7 +264,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .cluster import connect
+    from .compute import connect
     from .detector import AnomalyDetector
 
     if args.command == "keygen":
@@ -337,8 +276,7 @@ def _run(args: argparse.Namespace) -> int:
 
         signing_key = load_private_key(args.signing_key)  # before training, not after it
     options = parse_storage_options(args.storage_option)
-    names = [n for n in DEFAULTS if n not in _SKIPPED]
-    detector_kw = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    detector_kw = {p.name: getattr(args, p.name) for p in PARAMS if p.commands and hasattr(args, p.name)}
     if "overlay_color" in detector_kw:
         detector_kw["overlay_color"] = tuple(detector_kw["overlay_color"])
     if args.performance_report:
@@ -371,9 +309,9 @@ def _run(args: argparse.Namespace) -> int:
         _say(args, f"dashboard: {client.dashboard_link} ({n_workers} workers, "
                    f"{sum(client.nthreads().values())} threads)")
         if args.performance_report:
-            from distributed import performance_report
+            from .compute import performance_report
 
-            stack.enter_context(performance_report(filename=args.performance_report))
+            stack.enter_context(performance_report(args.performance_report))
         common = {"client": client, "verbose": verbose}
         t0 = time.perf_counter()
         if args.command == "train":

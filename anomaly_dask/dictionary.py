@@ -145,7 +145,7 @@ class Dictionary:
         ModelFileError
             Naming the first array that breaks a rule (``dictionary.<name>``).
         """
-        from .params import MAX_CENTROIDS, MAX_MEMORY
+        from .config import MAX_CENTROIDS, MAX_MEMORY
 
         required = {"pca_mean", "pca_components", "scaler_mean", "scaler_scale", "centroids"}
         plain = {k for k in arrays if not k.startswith("calibration.")}

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 __all__ = [
     "AnomalyDaskError",
+    "ClusterError",
+    "EnvironmentMismatchError",
     "GroundTruthError",
     "ImageReadError",
     "InputNotFoundError",
     "ModelFileError",
     "NotFittedError",
     "OutputError",
+    "OutputExistsError",
+    "OutputIncompleteError",
+    "OutputLocationError",
+    "OutputLockedError",
+    "OutputNotWritableError",
     "ParameterError",
     "WeightsNotFoundError",
 ]
@@ -54,3 +61,31 @@ class GroundTruthError(AnomalyDaskError, ValueError):
 
 class OutputError(AnomalyDaskError, OSError):
     """An output location cannot be written, or two outputs would get the same name."""
+
+
+class ClusterError(AnomalyDaskError, ConnectionError):
+    """A Dask scheduler could not be reached, or a cluster could not be started."""
+
+
+class EnvironmentMismatchError(AnomalyDaskError, RuntimeError):
+    """Workers run other versions of the packages than the client."""
+
+
+class OutputExistsError(AnomalyDaskError, FileExistsError):
+    """An output store of another run (or something that is not an output store) is in the way."""
+
+
+class OutputLockedError(OutputExistsError):
+    """Another live run holds the lease of the output store (see :class:`anomaly_dask.lease.StoreLease`)."""
+
+
+class OutputLocationError(InputNotFoundError):
+    """The place an output should go does not exist (missing bucket or parent folder)."""
+
+
+class OutputNotWritableError(AnomalyDaskError, PermissionError):
+    """The output location exists but cannot be written."""
+
+
+class OutputIncompleteError(AnomalyDaskError, RuntimeError):
+    """A store was finalized (or exported as finished) while some chunks are not done."""

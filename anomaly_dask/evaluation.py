@@ -22,350 +22,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import ndimage, sparse
-from scipy.sparse.csgraph import connected_components
+from scipy import ndimage
 
 from .errors import GroundTruthError, ParameterError
+from .metrics import (
+    aupro_from_curve,
+    auroc_from_hist,
+    best_f1_from_hist,
+    binary_ground_truth,
+    pro_curve,
+)
+from .regions import EIGHT, ImageState, RegionTotals, near_mask
 
-__all__ = [
-    "GroundTruthError",
-    "MetricsAccumulator",
-    "aupro_from_curve",
-    "auroc_from_hist",
-    "best_f1_from_hist",
-    "image_metrics",
-    "near_anomalies",
-    "pro_curve",
-    "read_ground_truth",
-    "roc_curve_from_hist",
-]
-
-#: 8-connectivity for :func:`scipy.ndimage.label`.
-_EIGHT = np.ones((3, 3), dtype=bool)
-
-#: Neighbour offsets that, with their mirror images, cover the 8-neighbourhood.
-_HALF_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))
-
-
-# ----------------------------------------------------------------------------------------
-# Ground truth
-# ----------------------------------------------------------------------------------------
-
-
-def _binary_ground_truth(array: np.ndarray) -> tuple[np.ndarray, float | None]:
-    """Validate a ground-truth array; return it as bool and its positive value (None: none)."""
-    gt = np.asarray(array)
-    if gt.ndim == 3 and gt.shape[2] == 1:
-        gt = gt[:, :, 0]
-    if gt.ndim != 2:
-        hint = " (convert a colour mask to one band first)" if gt.ndim == 3 else ""
-        raise GroundTruthError(f"ground truth must be a 2-D array (H, W); got shape {gt.shape}{hint}")
-    if gt.dtype == bool:
-        return gt, (1.0 if gt.any() else None)
-    if not (np.issubdtype(gt.dtype, np.integer) or np.issubdtype(gt.dtype, np.floating)):
-        raise GroundTruthError(f"ground truth must hold numbers or booleans; got dtype {gt.dtype}")
-    positive = gt != 0
-    values = gt[positive]
-    if values.size == 0:
-        return positive, None
-    first = values.flat[0]
-    if not (first > 0) or bool(np.any(values != first)):
-        found = np.unique(gt)
-        shown = ", ".join(str(v) for v in found[:8].tolist()) + (", ..." if found.size > 8 else "")
-        raise GroundTruthError(
-            f"ground truth is not binary: found {found.size} distinct values ({shown}); expected 0 "
-            "for normal pixels and one positive value (1 or 255, say) for anomalous pixels. "
-            "Threshold or re-export the mask so that it holds only two values."
-        )
-    return positive, float(first)
-
-
-def read_ground_truth(array: np.ndarray) -> np.ndarray:
-    """Check that an array is a binary ground-truth mask and return it as bool.
-
-    Parameters
-    ----------
-    array : numpy.ndarray
-        ``(H, W)`` or ``(H, W, 1)``: bool, or numbers that are 0 for normal pixels and one
-        single positive value (1, 255, ...) for anomalous pixels.
-
-    Returns
-    -------
-    numpy.ndarray
-        Bool ``(H, W)``, True where anomalous.
-
-    Raises
-    ------
-    GroundTruthError
-        The array is not 2-D, not numeric, or holds other values than 0 and one positive
-        value; the message lists the values found.
-    """
-    return _binary_ground_truth(array)[0]
-
-
-# ----------------------------------------------------------------------------------------
-# Curves from histograms
-# ----------------------------------------------------------------------------------------
-
-
-def _tail_sums(hist: np.ndarray) -> np.ndarray:
-    """``out[k] = hist[k:].sum()`` for ``k = 0 .. bins`` (so ``out[bins] = 0``)."""
-    out = np.zeros(hist.size + 1, dtype=np.float64)
-    out[:-1] = np.cumsum(hist[::-1], dtype=np.float64)[::-1]
-    return out
-
-
-def roc_curve_from_hist(normal_hist: np.ndarray, anomalous_hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ROC curve with one point per bin edge, from score histograms.
-
-    The point of edge ``k`` counts the pixels in bins ``k`` and above as marked, that is the
-    pixels whose score is at least the edge.
-
-    Parameters
-    ----------
-    normal_hist, anomalous_hist : numpy.ndarray
-        Counts per score bin of normal and of anomalous pixels, same length ``bins``.
-
-    Returns
-    -------
-    fpr, tpr : numpy.ndarray
-        ``bins + 1`` points each, from ``(0, 0)`` (highest edge) to ``(1, 1)`` (lowest edge),
-        with false positive rate non-decreasing. Rates are NaN when a class is empty.
-    """
-    n_tail = _tail_sums(np.asarray(normal_hist))[::-1]
-    a_tail = _tail_sums(np.asarray(anomalous_hist))[::-1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return n_tail / n_tail[-1], a_tail / a_tail[-1]
-
-
-def auroc_from_hist(normal_hist: np.ndarray, anomalous_hist: np.ndarray) -> float | None:
-    """Area under the ROC curve from score histograms.
-
-    Equal to the trapezoid area under :func:`roc_curve_from_hist`: an anomalous pixel counts
-    one against every normal pixel in a lower bin and one half against every normal pixel in
-    its own bin.
-
-    Parameters
-    ----------
-    normal_hist, anomalous_hist : numpy.ndarray
-        Counts per score bin of normal and of anomalous pixels.
-
-    Returns
-    -------
-    float or None
-        The AUROC in ``[0, 1]``; None when either class has no pixel.
-    """
-    n = np.asarray(normal_hist, dtype=np.float64)
-    a = np.asarray(anomalous_hist, dtype=np.float64)
-    n_total, a_total = n.sum(), a.sum()
-    if n_total == 0 or a_total == 0:
-        return None
-    below = np.cumsum(n) - n
-    return float(np.dot(a, below + 0.5 * n) / (n_total * a_total))
-
-
-def pro_curve(
-    normal_hist: np.ndarray, pro_hist: np.ndarray, n_regions: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-region overlap against false positive rate, one point per bin edge.
-
-    Parameters
-    ----------
-    normal_hist : numpy.ndarray
-        Counts per score bin of normal pixels.
-    pro_hist : numpy.ndarray
-        Per bin, the sum over ground-truth regions of the fraction of the region's pixels
-        that fall in the bin (as kept by :class:`MetricsAccumulator`).
-    n_regions : int
-        Number of ground-truth regions summed in ``pro_hist``.
-
-    Returns
-    -------
-    fpr, pro : numpy.ndarray
-        ``bins + 1`` points each, from the highest edge to the lowest, false positive rate
-        non-decreasing. NaN where undefined (no normal pixel, no region).
-    """
-    n_tail = _tail_sums(np.asarray(normal_hist))[::-1]
-    p_tail = _tail_sums(np.asarray(pro_hist, dtype=np.float64))[::-1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fpr = n_tail / n_tail[-1]
-        pro = np.minimum(p_tail / n_regions, 1.0) if n_regions > 0 else np.full_like(p_tail, np.nan)
-    return fpr, pro
-
-
-def aupro_from_curve(fpr: np.ndarray, pro: np.ndarray, max_fpr: float = 0.3) -> float | None:
-    """Normalised area under a PRO curve up to a false positive rate.
-
-    The curve is integrated with the trapezoid rule from FPR 0 to ``max_fpr``, the PRO at
-    ``max_fpr`` itself being interpolated linearly between its neighbouring points, and the
-    area is divided by ``max_fpr``: a perfect score map gives 1, an inverted one 0.
-
-    Parameters
-    ----------
-    fpr, pro : numpy.ndarray
-        Curve points in order of non-decreasing FPR, as from :func:`pro_curve`.
-    max_fpr : float
-        Upper integration limit, in ``(0, 1]``.
-
-    Returns
-    -------
-    float or None
-        The normalised area; None when the curve is undefined.
-    """
-    fpr = np.asarray(fpr, dtype=np.float64)
-    pro = np.asarray(pro, dtype=np.float64)
-    if fpr.size == 0 or not (np.all(np.isfinite(fpr)) and np.all(np.isfinite(pro))):
-        return None
-    beyond = np.flatnonzero(fpr > max_fpr)
-    if beyond.size:
-        i = int(beyond[0])
-        x = fpr[:i]
-        y = pro[:i]
-        if i == 0:
-            x, y, end = np.array([0.0]), np.array([pro[0]]), pro[0]
-        else:
-            x0, x1, y0, y1 = fpr[i - 1], fpr[i], pro[i - 1], pro[i]
-            end = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)
-        x = np.append(x, max_fpr)
-        y = np.append(y, end)
-    else:
-        x, y = fpr, pro
-    area = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) * 0.5))
-    return area / max_fpr
-
-
-def best_f1_from_hist(
-    normal_hist: np.ndarray, anomalous_hist: np.ndarray, edges: np.ndarray
-) -> tuple[float | None, float | None]:
-    """Best F1 score over thresholds at the bin edges.
-
-    Parameters
-    ----------
-    normal_hist, anomalous_hist : numpy.ndarray
-        Counts per score bin of normal and of anomalous pixels, length ``bins``.
-    edges : numpy.ndarray
-        The ``bins + 1`` bin edges; a threshold at ``edges[k]`` marks bins ``k`` and above.
-
-    Returns
-    -------
-    best_f1, best_threshold : float or None
-        The highest F1 and the lowest edge reaching it; None when there is no anomalous pixel.
-    """
-    tp = _tail_sums(np.asarray(anomalous_hist))[:-1]
-    fp = _tail_sums(np.asarray(normal_hist))[:-1]
-    a_total = tp[0] if tp.size else 0.0
-    if a_total == 0:
-        return None, None
-    f1 = 2.0 * tp / (tp + fp + a_total)  # 2tp / (2tp + fp + fn) with fn = A - tp
-    k = int(np.argmax(f1))
-    return float(f1[k]), float(edges[k])
-
-
-# ----------------------------------------------------------------------------------------
-# Accumulator
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Labels:
-    """Connected pieces of one kind (ground truth or mask) collected over an image's blocks."""
-
-    n_nodes: int = 0
-    #: Per piece: number of valid pixels (ground truth) and a flag (hit / touches ground truth).
-    sizes: list[np.ndarray] = field(default_factory=list)
-    flags: list[np.ndarray] = field(default_factory=list)
-    #: Sparse histograms of ground-truth pieces: node, bin, count.
-    hist_node: list[np.ndarray] = field(default_factory=list)
-    hist_bin: list[np.ndarray] = field(default_factory=list)
-    hist_count: list[np.ndarray] = field(default_factory=list)
-    #: Labelled edge pixels of the blocks: image row, image column, node.
-    edge_y: list[np.ndarray] = field(default_factory=list)
-    edge_x: list[np.ndarray] = field(default_factory=list)
-    edge_node: list[np.ndarray] = field(default_factory=list)
-
-    def add_block(self, labels: np.ndarray, n: int, y0: int, x0: int) -> np.ndarray:
-        """Record a block's edge labels; return the node id of each label (index 0 unused)."""
-        nodes = np.arange(self.n_nodes - 1, self.n_nodes + n, dtype=np.int64)
-        nodes[0] = -1
-        self.n_nodes += n
-        h, w = labels.shape
-        ys = np.concatenate([np.zeros(w, np.int64), np.full(w, h - 1), np.arange(h), np.arange(h)])
-        xs = np.concatenate([np.arange(w), np.arange(w), np.zeros(h, np.int64), np.full(h, w - 1)])
-        lab = labels[ys, xs]
-        keep = lab > 0
-        self.edge_y.append(ys[keep] + y0)
-        self.edge_x.append(xs[keep] + x0)
-        self.edge_node.append(nodes[lab[keep]])
-        return nodes
-
-    def roots(self, width: int) -> tuple[np.ndarray, int]:
-        """Component of each node after joining pieces across block borders, and their number."""
-        if self.n_nodes == 0:
-            return np.zeros(0, dtype=np.int64), 0
-        ys = np.concatenate(self.edge_y)
-        xs = np.concatenate(self.edge_x)
-        nodes = np.concatenate(self.edge_node)
-        keys = ys * width + xs
-        if keys.size == 0:
-            return np.arange(self.n_nodes, dtype=np.int64), self.n_nodes
-        order = np.argsort(keys, kind="stable")
-        keys, nodes_sorted = keys[order], nodes[order]
-        ys, xs, nodes = ys[order], xs[order], nodes_sorted
-        src: list[np.ndarray] = []
-        dst: list[np.ndarray] = []
-        for dy, dx in _HALF_NEIGHBOURS:
-            ny, nx = ys + dy, xs + dx
-            inside = (nx >= 0) & (nx < width)
-            want = ny[inside] * width + nx[inside]
-            pos = np.minimum(np.searchsorted(keys, want), keys.size - 1)
-            found = keys[pos] == want
-            src.append(nodes[inside][found])
-            dst.append(nodes_sorted[pos[found]])
-        a, b = np.concatenate(src), np.concatenate(dst)
-        graph = sparse.coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(self.n_nodes,) * 2)
-        count, roots = connected_components(graph.tocsr(), directed=False)
-        return roots.astype(np.int64), int(count)
-
-
-@dataclass
-class _ImageState:
-    """Everything kept about an image while its blocks arrive."""
-
-    shape: tuple[int, int]
-    normal: np.ndarray
-    anomalous: np.ndarray
-    covered: int = 0
-    offsets: set[tuple[int, int]] = field(default_factory=set)
-    gt_value: float | None = None
-    valid: int = 0
-    n_anomalous: int = 0
-    marked: int = 0
-    true_positive: int = 0
-    far_normal: int = 0
-    far_marked: int = 0
-    gt: _Labels = field(default_factory=_Labels)
-    mask: _Labels = field(default_factory=_Labels)
-
-
-@dataclass
-class _RegionTotals:
-    """Region figures of one or more finished images."""
-
-    pro_hist: np.ndarray
-    regions: int = 0
-    regions_hit: int = 0
-    false_regions: int = 0
-
-    def add(self, other: _RegionTotals) -> None:
-        """Add another image's figures to these."""
-        self.pro_hist += other.pro_hist
-        self.regions += other.regions
-        self.regions_hit += other.regions_hit
-        self.false_regions += other.false_regions
+__all__ = ["MetricsAccumulator", "image_metrics"]
 
 
 def _public(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -452,8 +124,8 @@ class MetricsAccumulator:
         self.anomalous_hist = np.zeros(self.bins, dtype=np.int64)
         self._clipped_low = 0
         self._clipped_high = 0
-        self._finished = _RegionTotals(np.zeros(self.bins, dtype=np.float64))
-        self._pending: dict[str, _ImageState] = {}
+        self._finished = RegionTotals(np.zeros(self.bins, dtype=np.float64))
+        self._pending: dict[str, ImageState] = {}
         self._images: dict[str, dict[str, Any]] = {}
 
     # -- feeding -------------------------------------------------------------------------
@@ -514,7 +186,7 @@ class MetricsAccumulator:
             )
         if not (np.issubdtype(scores.dtype, np.floating) or np.issubdtype(scores.dtype, np.integer)):
             raise ParameterError(f"scores of {image!r} must be numbers; got dtype {scores.dtype}")
-        gt_bool, gt_value = _binary_ground_truth(gt)
+        gt_bool, gt_value = binary_ground_truth(gt)
         if gt_bool.shape != scores.shape:
             raise GroundTruthError(
                 f"ground truth of {image!r} has shape {gt_bool.shape} but its scores have shape "
@@ -540,7 +212,7 @@ class MetricsAccumulator:
             )
         state = self._pending.get(image)
         if state is None:
-            state = _ImageState(
+            state = ImageState(
                 shape=full,
                 normal=np.zeros(self.bins, dtype=np.int64),
                 anomalous=np.zeros(self.bins, dtype=np.int64),
@@ -561,7 +233,7 @@ class MetricsAccumulator:
             )
         self._pending[image] = state
         if near is None:
-            near = _near(gt_bool, self.margin)
+            near = near_mask(gt_bool, self.margin)
         elif np.shape(near) != gt_bool.shape:
             raise ParameterError(f"near of {image!r} has shape {np.shape(near)}, not {gt_bool.shape}")
         if h * w:
@@ -577,7 +249,7 @@ class MetricsAccumulator:
             del self._pending[image]
 
     def _add_block(
-        self, state: _ImageState, scores: np.ndarray, gt: np.ndarray, y0: int, x0: int, near: np.ndarray
+        self, state: ImageState, scores: np.ndarray, gt: np.ndarray, y0: int, x0: int, near: np.ndarray
     ) -> None:
         """Histogram a checked block and label its regions."""
         valid = ~np.isnan(scores) if np.issubdtype(scores.dtype, np.floating) else np.ones(scores.shape, bool)
@@ -603,7 +275,7 @@ class MetricsAccumulator:
         state.far_marked += int(np.count_nonzero(far & marked))
 
         # Ground-truth pieces: valid size, hit flag, sparse score histogram.
-        gt_lab, n_gt = ndimage.label(gt, structure=_EIGHT)
+        gt_lab, n_gt = ndimage.label(gt, structure=EIGHT)
         if n_gt:
             nodes = state.gt.add_block(gt_lab, n_gt, y0, x0)
             lab_valid = gt_lab[valid]
@@ -617,17 +289,17 @@ class MetricsAccumulator:
             state.gt.hist_count.append(counts)
 
         # Mask pieces: does each touch a ground-truth pixel?
-        mask_lab, n_mask = ndimage.label(marked, structure=_EIGHT)
+        mask_lab, n_mask = ndimage.label(marked, structure=EIGHT)
         if n_mask:
             state.mask.add_block(mask_lab, n_mask, y0, x0)
             state.mask.flags.append(np.bincount(mask_lab[marked & gt], minlength=n_mask + 1)[1:] > 0)
 
     # -- results -------------------------------------------------------------------------
 
-    def _finish(self, state: _ImageState) -> tuple[dict[str, Any], _RegionTotals]:
+    def _finish(self, state: ImageState) -> tuple[dict[str, Any], RegionTotals]:
         """Per-image metrics and region totals of an image (pure: ``state`` is not changed)."""
         width = state.shape[1]
-        totals = _RegionTotals(np.zeros(self.bins, dtype=np.float64))
+        totals = RegionTotals(np.zeros(self.bins, dtype=np.float64))
         if state.gt.n_nodes:
             roots, count = state.gt.roots(width)
             size = np.bincount(roots, np.concatenate(state.gt.sizes), minlength=count)
@@ -658,7 +330,7 @@ class MetricsAccumulator:
         return metrics, totals
 
     def _metrics(
-        self, normal: np.ndarray, anomalous: np.ndarray, counts: dict[str, int], totals: _RegionTotals
+        self, normal: np.ndarray, anomalous: np.ndarray, counts: dict[str, int], totals: RegionTotals
     ) -> dict[str, Any]:
         """The metrics dictionary from histograms, pixel counts and region totals."""
         valid, n_anom, marked, tp = (
@@ -698,9 +370,9 @@ class MetricsAccumulator:
             "false_regions_per_km2": per_km2,
         }
 
-    def _all_totals(self) -> tuple[_RegionTotals, dict[str, dict[str, Any]]]:
+    def _all_totals(self) -> tuple[RegionTotals, dict[str, dict[str, Any]]]:
         """Region totals and per-image metrics including images whose blocks are incomplete."""
-        totals = _RegionTotals(self._finished.pro_hist.copy(), self._finished.regions,
+        totals = RegionTotals(self._finished.pro_hist.copy(), self._finished.regions,
                                self._finished.regions_hit, self._finished.false_regions)
         images = dict(self._images)
         for name, state in self._pending.items():
@@ -804,18 +476,6 @@ class MetricsAccumulator:
             "threshold": self.threshold,
             "max_fpr": self.max_fpr,
         }
-
-
-def _near(gt: np.ndarray, margin: int) -> np.ndarray:
-    """Normal pixels within ``margin`` px (Euclidean) of an anomalous one."""
-    if margin <= 0 or not gt.any():
-        return np.zeros(gt.shape, dtype=bool)
-    return (ndimage.distance_transform_edt(~gt) <= margin) & ~gt
-
-
-def near_anomalies(gt: np.ndarray, margin: int = 32) -> np.ndarray:
-    """Public form of the ``near`` mask :meth:`MetricsAccumulator.add` uses by default."""
-    return _near(np.asarray(gt, dtype=bool), int(margin))
 
 
 def image_metrics(scores: np.ndarray, gt: np.ndarray, threshold: float, **kw: Any) -> dict[str, Any]:

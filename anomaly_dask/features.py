@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import Backbone
+from .errors import ParameterError
 from .grid import TileGrid
 
-__all__ = ["FeatureConfig", "dense_tile_features", "patch_tile_features", "tile_features"]
+__all__ = ["FeatureConfig", "check_device", "dense_tile_features", "patch_tile_features", "tile_features"]
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -179,3 +180,24 @@ def tile_features(
         return patch_tile_features(
             backbone, pixels, tile_offset, n_tiles, grid, config.patch_size, config.batch_size
         )
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device torch cannot use here, before any cluster, store or training starts.
+
+    Raises
+    ------
+    ParameterError
+        ``cuda`` / ``cuda:<n>`` without that GPU, or ``mps`` without Apple's backend.
+    """
+    if device in (None, "auto", "cpu"):
+        return
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= n:
+            raise ParameterError(
+                f"device={device!r}, but torch sees {n} CUDA GPU(s) here; use device='cpu' or 'auto'"
+            )
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ParameterError("device='mps', but Apple's MPS backend is not available here; use 'cpu' or 'auto'")

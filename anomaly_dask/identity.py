@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from .sources import ArraySource, ImageSource, thaw_options
+from .io import ArraySource, ImageSource, thaw_options
 
 __all__ = [
     "HEAD_BYTES",
@@ -275,7 +275,7 @@ def input_identity(
     Parameters
     ----------
     source : ImageSource
-        The opened input (as :func:`~anomaly_dask.sources.open_source` returns it, possibly
+        The opened input (as :func:`~anomaly_dask.io.open_source` returns it, possibly
         wrapped, e.g. rescaled to the model's bit depth).
     head_bytes : int
         Bytes hashed at the start of a file.

@@ -326,8 +326,8 @@ def _text(value: Any, where: str, longest: int = 1000) -> str:
 
 
 def _check_params(params: Any, runtime: dict[str, Any]) -> dict[str, Any]:
+    from .config import DEFAULTS, RUNTIME, validate
     from .errors import ParameterError
-    from .params import DEFAULTS, RUNTIME, validate
 
     if not isinstance(params, dict):
         raise ModelFileError(f"config.params: must be a JSON object, not {type(params).__name__}")

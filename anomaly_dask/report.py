@@ -19,7 +19,8 @@ from PIL import Image
 from scipy import ndimage
 
 from .errors import ParameterError
-from .evaluation import MetricsAccumulator, aupro_from_curve, pro_curve, roc_curve_from_hist
+from .evaluation import MetricsAccumulator
+from .metrics import aupro_from_curve, pro_curve, roc_curve_from_hist
 from .outputs import overlay_image
 
 __all__ = ["gt_overlay", "write_report"]

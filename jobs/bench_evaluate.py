@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from anomaly_dask import AnomalyDetector
-from anomaly_dask.synthetic import SonarScene, write_tiff
+from anomaly_dask.datasets import SonarScene, write_tiff
 
 CHILD = """
 import json, resource, sys, time

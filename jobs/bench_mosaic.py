@@ -32,7 +32,7 @@ from scipy.ndimage import binary_dilation
 from sklearn.metrics import roc_auc_score
 
 from anomaly_dask import AnomalyDetector
-from anomaly_dask.synthetic import SonarScene, write_tiff
+from anomaly_dask.datasets import SonarScene, write_tiff
 
 EDGE = 32  # px: the swath-edge band measured apart
 

@@ -17,7 +17,7 @@ made). The cases are:
 - ``example``: the repository's ``example_dataset``;
 - every case folder in ``../shared/real-cases/`` (read in place, never copied);
 - five held-out synthetic sidescan surveys (:data:`SONAR_CASES`) rendered with
-  :class:`anomaly_dask.synthetic.SonarScene` into ``<workdir>/cases/`` as tiled GeoTIFFs with
+  :class:`anomaly_dask.datasets.SonarScene` into ``<workdir>/cases/`` as tiled GeoTIFFs with
   no-data 0. Their seabed regimes (ripple wavelength and strength), nadir widths, swath
   widths and line spacings, speckle and pixel types all differ from the scene defaults the
   detector is tuned on; each has anomaly-free training and validation scenes and one test
@@ -70,7 +70,9 @@ import numpy as np
 from PIL import Image
 
 from anomaly_dask import AnomalyDetector
-from anomaly_dask.evaluation import MetricsAccumulator, near_anomalies, read_ground_truth
+from anomaly_dask.evaluation import MetricsAccumulator
+from anomaly_dask.metrics import read_ground_truth
+from anomaly_dask.regions import near_anomalies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (jobs/peers.py, next to this script)
@@ -291,7 +293,7 @@ def make_sonar_case(folder: Path, name: str, spec: dict[str, Any], size: int, n_
     -------
     Case
     """
-    from anomaly_dask.synthetic import SonarScene, write_tiff
+    from anomaly_dask.datasets import SonarScene, write_tiff
 
     root = folder / name
     n_train = n_train or spec["n_train"]

@@ -1,6 +1,6 @@
 """Benchmark: detect throughput with 1 and with 2 single-threaded worker processes.
 
-Writes one synthetic sonar mosaic (:class:`anomaly_dask.synthetic.SonarScene`, tiled
+Writes one synthetic sonar mosaic (:class:`anomaly_dask.datasets.SonarScene`, tiled
 GeoTIFF) and a quickly trained model, then runs ``detect`` on the same mosaic on a
 LocalCluster of 1 worker and of 2 workers (processes, 1 task thread each, ``--torch-threads``
 torch threads per task), and prints both throughputs and the scaling efficiency
@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 
 from anomaly_dask import AnomalyDetector
-from anomaly_dask.cluster import connect
-from anomaly_dask.synthetic import SonarScene, write_tiff
+from anomaly_dask.compute import connect
+from anomaly_dask.datasets import SonarScene, write_tiff
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from anomaly_dask.synthetic import SonarScene
+from anomaly_dask.datasets import SonarScene
 
 CHILD = """
 import json, resource, sys, time

@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from anomaly_dask import AnomalyDetector, WeightsNotFoundError
-from anomaly_dask.synthetic import SonarScene
+from anomaly_dask.datasets import SonarScene
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ import time
 
 from anomaly_dask import AnomalyDetector
 from anomaly_dask.cli import make_local_folder, output_for, parse_storage_options
-from anomaly_dask.cluster import connect
+from anomaly_dask.compute import connect
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a synthetic sidescan-sonar mosaic as a tiled GeoTIFF, with its ground truth.
 
-The mosaic comes from :class:`anomaly_dask.synthetic.SonarScene`: parallel survey lines with
+The mosaic comes from :class:`anomaly_dask.datasets.SonarScene`: parallel survey lines with
 dark nadir gaps, range fall-off, speckle, sand ripples, sediment patches, ragged no-data
 edges, and bright targets casting acoustic shadows. It is rendered and written tile by tile,
 so a 20k x 20k (or larger) mosaic never sits in memory whole.
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anomaly_dask.synthetic import SonarScene, write_tiff
+from anomaly_dask.datasets import SonarScene, write_tiff
 
 __all__ = ["BlockMean", "main", "parse_args"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 from scipy.ndimage import distance_transform_edt
 
-from anomaly_dask.synthetic import SonarScene
+from anomaly_dask.datasets import SonarScene
 
 BANDS = ((0, 8), (8, 16), (16, 32), (32, 64), (64, 128), (128, None))
 

@@ -30,6 +30,25 @@ def texture(height: int, width: int, seed: int, channels: int = 3) -> np.ndarray
     return np.clip((big * 0.7 + 0.15 + noise) * 255, 0, 255).astype(np.uint8)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_client() -> Iterator[Any]:
+    """One in-process cluster for the whole run, shaped like the one a call without a client
+    starts; it is the current client, so every call that passes no ``client`` uses it.
+    Tests that need their own cluster (processes, killed workers) pass theirs."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+@pytest.fixture
+def scheduler_args(session_client: Any) -> list[str]:
+    """CLI options that run a command on the session's cluster instead of starting one
+    (a LocalCluster of worker processes costs seconds per command)."""
+    return ["--scheduler", session_client.scheduler.address]
+
+
 @pytest.fixture(scope="session")
 def small_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/ (2 images), val/ (1), test/ (1 with a bright square) of 96x112 RGB PNGs."""

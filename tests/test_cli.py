@@ -10,7 +10,7 @@ import time
 import pytest
 
 from anomaly_dask import cli
-from anomaly_dask.params import DEFAULTS
+from anomaly_dask.config import DEFAULTS
 
 from .conftest import REPO
 

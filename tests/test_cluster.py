@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import zarr
 
-from anomaly_dask import AnomalyDetector, pipeline
-from anomaly_dask.cluster import EnvironmentMismatchError, check_environment, package_versions
-from anomaly_dask.synthetic import SonarScene, write_tiff
+from anomaly_dask import AnomalyDetector, compute
+from anomaly_dask.compute import check_environment, package_versions
+from anomaly_dask.datasets import SonarScene, write_tiff
+from anomaly_dask.errors import EnvironmentMismatchError
 
 from .conftest import REPO, _free_port
 
@@ -157,7 +158,7 @@ def test_model_travels_once_per_worker_not_with_tasks(cluster, runs, images, tmp
 
     sizes: list[int] = []
     copies: list[dict] = []
-    real_stream = pipeline._stream
+    real_stream = compute.tasks._stream
 
     def spy(client, fn, jobs, limit):
         jobs = list(jobs)
@@ -165,11 +166,11 @@ def test_model_travels_once_per_worker_not_with_tasks(cluster, runs, images, tmp
         return real_stream(client, fn, jobs, limit)
 
     def count_extractors(dask_worker):
-        from anomaly_dask.pipeline import Extractor
+        from anomaly_dask.scoring import Extractor
 
         return sum(isinstance(v, Extractor) for v in dask_worker.data.values())
 
-    monkeypatch.setattr(pipeline, "_stream", spy)
+    monkeypatch.setattr(compute.tasks, "_stream", spy)
     with Client(cluster["address"], timeout=30) as client:
         ad = AnomalyDetector.load(str(runs["model_remote"]), client=client, chunk_size=128, verbose=0)
         model_bytes = len(cloudpickle.dumps(ad._extractor(ad._settings())))

@@ -13,8 +13,9 @@ import pytest
 import zarr
 
 from anomaly_dask import AnomalyDetector
-from anomaly_dask.store import OutputExistsError, OutputStore
-from anomaly_dask.synthetic import SonarScene, write_tiff
+from anomaly_dask.datasets import SonarScene, write_tiff
+from anomaly_dask.errors import OutputExistsError
+from anomaly_dask.store import OutputStore
 
 from .conftest import FAST, REPO
 
@@ -118,6 +119,27 @@ def test_geotiff_keeps_the_input_georeference(sonar, tmp_path):
             assert (tif.height, tif.width) == (520, 610)
     with rasterio.open(out / "mask.tif") as tif:
         np.testing.assert_array_equal(tif.read(1), zarr.open_group(str(out), mode="r")["mask"][:])
+
+
+def test_geotiff_keeps_a_projected_crs_with_a_low_epsg_code(sonar, tmp_path):
+    """EPSG:4087 is projected although its code lies among geographic ones (4000-4999)."""
+    rasterio = pytest.importorskip("rasterio")
+    moved = tmp_path / "test_4087.tif"
+    with rasterio.open(sonar["test"]) as src:
+        profile = {**src.profile, "crs": rasterio.crs.CRS.from_epsg(4087)}
+        with rasterio.open(moved, "w", **profile) as dst:
+            dst.write(src.read())
+    out = tmp_path / "out.zarr"
+    sonar["model"].detect(str(moved), str(out), geotiff=("mask", "score"), quicklook=False)
+    assert zarr.open_group(str(out), mode="r").attrs["georef"]["crs_epsg"] == 4087
+    with rasterio.open(moved) as src:
+        transform, crs = src.transform, src.crs
+    for name, nodata in (("mask", 0), ("score", None)):
+        with rasterio.open(out / f"{name}.tif") as tif:
+            assert tif.crs == crs and tif.crs.is_projected and tif.crs.to_epsg() == 4087
+            assert tif.transform == transform
+            assert tif.nodata == nodata if nodata is not None else np.isnan(tif.nodata)
+            assert tif.descriptions[0].startswith(f"anomaly {name}")
 
 
 def test_outputs_to_s3(sonar, s3):

@@ -10,17 +10,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from anomaly_dask.errors import AnomalyDaskError, ParameterError
-from anomaly_dask.evaluation import (
-    GroundTruthError,
-    MetricsAccumulator,
-    aupro_from_curve,
-    image_metrics,
-    near_anomalies,
-    pro_curve,
-    read_ground_truth,
-    roc_curve_from_hist,
-)
+from anomaly_dask.errors import AnomalyDaskError, GroundTruthError, ParameterError
+from anomaly_dask.evaluation import MetricsAccumulator, image_metrics
+from anomaly_dask.metrics import aupro_from_curve, pro_curve, read_ground_truth, roc_curve_from_hist
+from anomaly_dask.regions import near_anomalies
 from anomaly_dask.report import gt_overlay, write_report
 
 EIGHT = np.ones((3, 3), dtype=bool)
@@ -481,7 +474,7 @@ def test_evaluate_refuses_bad_ground_truth_before_scoring(evaluated, tmp_path):
         ad.evaluate(image, str(tmp_path / "none.png"))
 
 
-def test_cli_evaluate_prints_metrics_and_writes_the_report(evaluated, tmp_path, capsys):
+def test_cli_evaluate_prints_metrics_and_writes_the_report(evaluated, tmp_path, capsys, scheduler_args):
     import json
 
     from anomaly_dask.cli import main
@@ -490,13 +483,13 @@ def test_cli_evaluate_prints_metrics_and_writes_the_report(evaluated, tmp_path, 
     model = str(tmp_path / "m.safetensors")
     evaluated["model"].save(model)
     code = main(["evaluate", model, str(root / "test"), "--ground-truth", str(root / "gt"),
-                 "--output", str(tmp_path / "rep"), "-q"])
+                 "--output", str(tmp_path / "rep"), *scheduler_args, "-q"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["auroc"] == pytest.approx(evaluated["result"]["auroc"], abs=1e-9)
     assert (tmp_path / "rep" / "metrics.json").exists()
     code = main(["evaluate", model, str(root / "test"), "--ground-truth", str(tmp_path), "--output",
-                 str(tmp_path / "rep2"), "-q"])
+                 str(tmp_path / "rep2"), *scheduler_args, "-q"])
     assert code == 1 and "no ground truth" in capsys.readouterr().err
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from anomaly_dask.sources import Intensity, mirror_fill, to_unit_rgb
+from anomaly_dask.intensity import Intensity, mirror_fill, to_unit_rgb
 
 
 def test_straight_edge_is_mirrored_and_far_pixels_take_the_fill():

@@ -345,7 +345,7 @@ def test_crafted_model_is_refused_naming_the_field(case, parts, tmp_path):
 
 
 def test_centroid_and_memory_caps(parts, monkeypatch):
-    from anomaly_dask import params
+    from anomaly_dask import config as params
     from anomaly_dask.dictionary import Dictionary
 
     _, tensors = _copy(parts)
@@ -399,7 +399,7 @@ def test_loading_takes_run_settings_from_the_caller_only(fast_model, tmp_path):
     path = tmp_path / "m.safetensors"
     fast_model.save(str(path))
     stored = read_model(str(path))[0]["params"]
-    from anomaly_dask.params import RUNTIME
+    from anomaly_dask.config import RUNTIME
 
     assert not set(stored) & set(RUNTIME)
     loaded = AnomalyDetector.load(str(path), chunk_size=512, device="cpu", verbose=0, false_alarm_rate=0.01)

@@ -19,19 +19,14 @@ import pytest
 import tifffile
 import zarr
 
-from anomaly_dask import AnomalyDetector, rasters
-from anomaly_dask import store as store_module
-from anomaly_dask.errors import AnomalyDaskError, ParameterError
+from anomaly_dask import AnomalyDetector
+from anomaly_dask import lease_records as lease_module
+from anomaly_dask.errors import AnomalyDaskError, OutputExistsError, OutputLockedError, ParameterError
 from anomaly_dask.identity import describe_differences, input_identity, run_id_of
-from anomaly_dask.sources import open_source
-from anomaly_dask.store import (
-    OutputExistsError,
-    OutputLockedError,
-    OutputStore,
-    StoreLease,
-    lease_url,
-    read_lease,
-)
+from anomaly_dask.io import clear_cache, open_source
+from anomaly_dask.lease import StoreLease
+from anomaly_dask.lease_records import lease_url, read_lease
+from anomaly_dask.store import OutputStore
 
 from .conftest import texture
 
@@ -50,7 +45,7 @@ def ad(fast_model: AnomalyDetector) -> AnomalyDetector:
 def write_input(path: Path, seed: int) -> str:
     """An uncompressed RGB TIFF: rewriting it with another seed keeps its size."""
     tifffile.imwrite(path, texture(H, W, seed))
-    rasters.clear_cache()  # as a new process would: no reader of the old file stays open
+    clear_cache()  # as a new process would: no reader of the old file stays open
     return str(path)
 
 
@@ -66,7 +61,7 @@ def fake_lease(out: str, *, host: str, pid: int, heartbeat: float, scope: str | 
     record = {
         "format": "anomaly_dask_lease", "version": 1, "store": out, "run_id": "f" * 32,
         "token": "someone-else", "host": host, "pid": pid, "pid_start": None,
-        "scope": store_module._SCOPE if scope == "this" else scope,
+        "scope": lease_module._SCOPE if scope == "this" else scope,
         "started": heartbeat, "started_utc": "then", "heartbeat": heartbeat, "heartbeat_utc": "then",
     }  # fmt: skip
     Path(lease_url(out)).write_text(json.dumps(record))
@@ -160,7 +155,7 @@ def test_input_identity_catches_same_size_in_place_edits(tmp_path: Path) -> None
     mm.flush()
     del mm
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # put the mtime back
-    rasters.clear_cache()
+    clear_cache()
     after = input_identity(open_source(str(path)))
     assert after["size"] == before["size"] and after["head_sha256"] == before["head_sha256"]
     assert after["version"]["mtime"] == before["version"]["mtime"]
@@ -338,7 +333,7 @@ def test_killed_holder_on_this_host_is_taken_over(tmp_path: Path) -> None:
     out = str(tmp_path / "out.zarr")
     child = (
         "import sys, time\n"
-        "from anomaly_dask.store import StoreLease\n"
+        "from anomaly_dask.lease import StoreLease\n"
         "StoreLease(sys.argv[1], 'child').acquire()\n"
         "print('held', flush=True)\n"
         "time.sleep(120)\n"
@@ -383,7 +378,7 @@ def test_lease_on_memory_filesystem() -> None:
 
 
 def test_cli_resume_and_lease_refusals_are_one_line(fast_model: AnomalyDetector, tmp_path: Path,
-                                                    capsys: Any) -> None:
+                                                    capsys: Any, scheduler_args: list[str]) -> None:
     """The findings through the CLI: changed input, other overlay colour, a live lease."""
     from anomaly_dask import cli
 
@@ -393,7 +388,7 @@ def test_cli_resume_and_lease_refusals_are_one_line(fast_model: AnomalyDetector,
 
     def run(*extra: str) -> tuple[int, str]:
         try:
-            code = cli.main(["detect", model, image, "--output", out, "--workers", "1", "-q", *extra])
+            code = cli.main(["detect", model, image, "--output", out, *scheduler_args, "-q", *extra])
         except SystemExit as exc:
             code = int(exc.code or 0)
         return code, capsys.readouterr().err

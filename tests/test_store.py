@@ -1,4 +1,4 @@
-"""Tests of the chunked output store and its exporters (local, memory://, moto S3)."""
+"""Tests of the chunked output store (local, memory://, moto S3); exporters: test_export.py."""
 
 from __future__ import annotations
 
@@ -12,22 +12,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from anomaly_dask.errors import AnomalyDaskError, InputNotFoundError, ParameterError
-from anomaly_dask.store import (
+from anomaly_dask.errors import (
+    AnomalyDaskError,
+    InputNotFoundError,
     OutputExistsError,
     OutputIncompleteError,
     OutputLocationError,
     OutputLockedError,
-    OutputStore,
-    StoreLease,
-    georef_from_tiff,
-    lease_url,
-    write_geotiff,
-    write_png_tiles,
-    write_quicklook,
+    ParameterError,
 )
+from anomaly_dask.export import write_geotiff
+from anomaly_dask.lease import StoreLease
+from anomaly_dask.lease_records import lease_url
+from anomaly_dask.store import OutputStore
 
 H, W, CHUNK = 203, 157, 64  # 4 x 3 chunks, the last row and column partial
 
@@ -303,114 +301,3 @@ def test_s3_missing_bucket(s3: tuple[dict[str, Any], str]) -> None:
         OutputStore.create("s3://no-such-bucket/run.zarr", H, W, CHUNK, "r", {}, storage_options=options)
     assert isinstance(info.value, FileNotFoundError)
     assert sorted(fs.ls("", refresh=True)) == before
-
-
-# ---------------------------------------------------------------------------- exporters
-
-UTM_GEOREF = {"transform": (431000.0, 0.1, 0.0, 5412000.0, 0.0, -0.1), "crs_epsg": 32631}
-
-
-@pytest.fixture(scope="module")
-def done_store(tmp_path_factory: pytest.TempPathFactory) -> OutputStore:
-    return full_store(str(tmp_path_factory.mktemp("exp") / "run.zarr"))
-
-
-@pytest.mark.parametrize("name", ["mask", "score"])
-def test_geotiff_from_epsg(done_store: OutputStore, tmp_path: Path, name: str) -> None:
-    rasterio = pytest.importorskip("rasterio")
-    out = tmp_path / f"{name}.tif"
-    write_geotiff(done_store, str(out), name, UTM_GEOREF, nodata=0, tile=64)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary left over
-    with rasterio.open(out) as ds:
-        assert ds.crs.to_epsg() == 32631
-        assert ds.transform.to_gdal() == pytest.approx(UTM_GEOREF["transform"])
-        assert (ds.height, ds.width) == (H, W) and ds.block_shapes == [(64, 64)]
-        assert ds.nodata == 0
-        np.testing.assert_array_equal(ds.read(1), expected(done_store)[name])
-
-
-def test_geotiff_geographic_and_overlay(done_store: OutputStore, tmp_path: Path) -> None:
-    rasterio = pytest.importorskip("rasterio")
-    georef = {"transform": (2.0, 1e-5, 0.0, 48.0, 0.0, -1e-5), "crs_epsg": 4326}
-    write_geotiff(done_store, str(tmp_path / "ov.tif"), "overlay", georef, tile=128)
-    with rasterio.open(tmp_path / "ov.tif") as ds:
-        assert ds.crs.to_epsg() == 4326 and ds.crs.is_geographic
-        assert ds.transform.to_gdal() == pytest.approx(georef["transform"])
-        assert ds.count == 3
-        np.testing.assert_array_equal(np.moveaxis(ds.read(), 0, -1), expected(done_store)["overlay"])
-
-
-def test_geotiff_without_crs(done_store: OutputStore, tmp_path: Path) -> None:
-    rasterio = pytest.importorskip("rasterio")
-    rotated = (10.0, 2.0, 0.5, 20.0, 0.25, -2.0)  # written as a ModelTransformation matrix
-    for transform in ((10.0, 2.0, 0.0, 20.0, 0.0, -2.0), rotated):
-        write_geotiff(done_store, str(tmp_path / "m.tif"), "mask", {"transform": transform, "crs_epsg": None})
-        with rasterio.open(tmp_path / "m.tif") as ds:
-            assert ds.crs is None
-            assert ds.transform.to_gdal() == pytest.approx(transform)
-        assert georef_from_tiff(str(tmp_path / "m.tif"))["transform"] == pytest.approx(transform)
-
-
-def test_geotiff_raw_geokeys(done_store: OutputStore, tmp_path: Path) -> None:
-    rasterio = pytest.importorskip("rasterio")
-    import tifffile
-
-    # an "input" GeoTIFF in EPSG:3857 with a citation, written with raw tags
-    citation = "WGS 84 / Pseudo-Mercator|"
-    keys = [
-        (1, 1, 0, 4),
-        (1024, 0, 1, 1),
-        (1025, 0, 1, 1),
-        (1026, 34737, len(citation), 0),
-        (3072, 0, 1, 3857),
-    ]
-    tags = [
-        (33550, "d", 3, (0.25, 0.25, 0.0), True),
-        (33922, "d", 6, (0.0, 0.0, 0.0, 250000.0, 6250000.0, 0.0), True),
-        (34735, "H", 20, tuple(v for k in keys for v in k), True),
-        (34737, "s", 0, citation, True),
-    ]
-    src = tmp_path / "input.tif"
-    tifffile.imwrite(src, np.zeros((H, W), np.uint8), extratags=tags, metadata=None)
-
-    georef = georef_from_tiff(str(src))
-    assert georef is not None and georef["crs_epsg"] == 3857
-    assert georef["transform"] == pytest.approx((250000.0, 0.25, 0.0, 6250000.0, 0.0, -0.25))
-    assert georef["geo_ascii_params"] == citation
-    out = tmp_path / "score.tif"
-    write_geotiff(done_store, str(out), "score", georef, tile=64)
-    with rasterio.open(src) as a, rasterio.open(out) as b:
-        assert b.crs == a.crs and b.crs.to_epsg() == 3857
-        assert b.transform == a.transform
-    with tifffile.TiffFile(out) as tif:
-        assert tif.pages.first.tags[34735].value == tuple(v for k in keys for v in k)
-    assert georef_from_tiff(str(tmp_path / "input.tif"))["geokeys"] == georef["geokeys"]
-
-
-def test_png_tiles_and_quicklook(done_store: OutputStore, tmp_path: Path) -> None:
-    urls = write_png_tiles(done_store, "overlay")
-    assert len(urls) == done_store.n_chunks
-    assert urls[-1] == f"{done_store.url}/png/overlay/3/2.png"
-    want = expected(done_store)["overlay"]
-    with Image.open(urls[-1]) as img:
-        assert img.size == (W - 2 * CHUNK, H - 3 * CHUNK)
-        np.testing.assert_array_equal(np.asarray(img), want[3 * CHUNK :, 2 * CHUNK :])
-    with Image.open(f"{done_store.url}/png/overlay/0/1.png") as img:
-        assert img.size == (CHUNK, CHUNK)
-
-    masks = write_png_tiles(done_store, "mask", tile=100, prefix=str(tmp_path / "tiles"))
-    assert len(masks) == 3 * 2 and masks[0] == str(tmp_path / "tiles" / "0" / "0.png")
-    with Image.open(masks[-1]) as img:
-        assert img.size == (57, 3)
-
-    shape = write_quicklook(done_store, str(tmp_path / "ql.png"), max_size=50)
-    assert shape == (41, 32)  # factor ceil(203 / 50) = 5
-    with Image.open(tmp_path / "ql.png") as img:
-        assert img.size == (32, 41) and img.mode == "RGB"
-        small = np.asarray(img).astype(float)
-    block = want[:5, :5].reshape(-1, 3).mean(axis=0)
-    np.testing.assert_allclose(small[0, 0], np.rint(block))
-    edge = want[200:, 155:].reshape(-1, 3).mean(axis=0)  # partial edge block: its own mean
-    np.testing.assert_allclose(small[-1, -1], np.rint(edge))
-    with pytest.raises(ParameterError):
-        write_quicklook(done_store, str(tmp_path / "q2.png"), name="score")

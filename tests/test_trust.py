@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from anomaly_dask import AnomalyDetector, ImageReadError, OutputError, ParameterError, cli
-from anomaly_dask.params import validate
-from anomaly_dask.sources import freeze_options, open_source, thaw_options
+from anomaly_dask.config import validate
+from anomaly_dask.io import freeze_options, open_source, thaw_options
 
 from .conftest import FAST, texture
 
@@ -43,7 +43,9 @@ def test_nan_threshold_fails_before_training(small_folder, monkeypatch):
     def boom(*args, **kwargs):  # training must not get as far as opening images
         raise AssertionError("training started")
 
-    monkeypatch.setattr(AnomalyDetector, "_split", boom)
+    from anomaly_dask import training
+
+    monkeypatch.setattr(training, "split_units", boom)
     for kw in ({"threshold_mode": "manual", "threshold": math.nan}, {"zscore": math.nan}, {"cdf": math.nan}):
         with pytest.raises(ParameterError):
             AnomalyDetector(**FAST, **kw).train(str(small_folder / "train"))
@@ -101,12 +103,12 @@ def test_clashing_names_are_refused_before_writing(fast_model, tmp_path, monkeyp
 
 
 def test_unwritable_output_fails_before_scoring(fast_model, small_folder, tmp_path, monkeypatch):
-    from anomaly_dask import pipeline
+    from anomaly_dask import compute
 
     def boom(*args, **kwargs):
         raise AssertionError("scoring started")
 
-    monkeypatch.setattr(pipeline, "score_array", boom)
+    monkeypatch.setattr(compute.tasks, "score_array", boom)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(OutputError, match="a-file"):
@@ -199,31 +201,31 @@ def test_cli_bad_parameters_one_line(small_folder, tmp_path, capsys, extra, need
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_cli_internal_error_is_one_line(small_folder, tmp_path, capsys, monkeypatch):
+def test_cli_internal_error_is_one_line(small_folder, tmp_path, capsys, monkeypatch, scheduler_args):
     def broken(*args, **kwargs):
         raise IndexError("list index out of range")
 
     monkeypatch.setattr(AnomalyDetector, "train", broken)
-    argv = ["train", str(small_folder / "train"), "--model", str(tmp_path / "m.safetensors"), "--workers", "1"]
+    argv = ["train", str(small_folder / "train"), "--model", str(tmp_path / "m.safetensors"), *scheduler_args]
     code, err = _run_main(argv, capsys)
     assert code == 2 and "internal error (IndexError" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
 
 
 def test_path_helpers_keep_relative_folders(tmp_path):
-    from anomaly_dask.sources import output_names
+    from anomaly_dask.io import output_names
 
     root = Path("/data/in")
     files = [str(root / "a" / "x.png"), str(root / "b" / "deep" / "x.tif"), str(root / "y.jpeg")]
     assert output_names(str(root), files) == ["a/x", "b/deep/x", "y"]
 
 
-def test_cli_nested_storage_options_with_a_png_input(fast_model, small_folder, tmp_path, capsys):
+def test_cli_nested_storage_options_with_a_png_input(fast_model, small_folder, tmp_path, capsys, scheduler_args):
     model = tmp_path / "m.safetensors"
     fast_model.save(str(model))
     out = tmp_path / "o.zarr"
     argv = ["detect", str(model), str(small_folder / "test" / "test0.png"), "--output", str(out),
-            "--storage-option", "client_kwargs.headers.x-a=1", "--workers", "1", "-q"]
+            "--storage-option", "client_kwargs.headers.x-a=1", *scheduler_args, "-q"]
     code, err = _run_main(argv, capsys)
     assert code == 0, err
     import zarr
@@ -231,7 +233,7 @@ def test_cli_nested_storage_options_with_a_png_input(fast_model, small_folder, t
     assert zarr.open_group(str(out), mode="r").attrs["complete"] is True
 
 
-def test_cli_bit_depth_mismatch_is_one_line(gray_case, tmp_path, capsys):
+def test_cli_bit_depth_mismatch_is_one_line(gray_case, tmp_path, capsys, scheduler_args):
     import tifffile
 
     det, test = gray_case
@@ -241,10 +243,10 @@ def test_cli_bit_depth_mismatch_is_one_line(gray_case, tmp_path, capsys):
     tifffile.imwrite(tmp_path / "x257.tif", test.astype(np.uint16) * 257)
     out = tmp_path / "out"
     code, err = _run_main(["detect", str(model), str(tmp_path / "far.tif"), "--output", str(out),
-                           "--workers", "1", "-q"], capsys)
+                           *scheduler_args, "-q"], capsys)
     assert code == 1 and "convert the image" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert not (out / "far.zarr").exists()
     code, err = _run_main(["detect", str(model), str(tmp_path / "x257.tif"), "--output", str(out),
-                           "--workers", "1", "-q"], capsys)
+                           *scheduler_args, "-q"], capsys)
     assert code == 0, err

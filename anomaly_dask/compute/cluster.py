@@ -1,6 +1,6 @@
-"""Connect to or start a Dask cluster, check it, and size torch's threads on its workers.
+"""Clusters: connect to one or start one, check its environment, size torch's threads.
 
-Used by the command line (:mod:`anomaly_dask.cli`) and the jobs in ``jobs/``.
+Part of :mod:`anomaly_dask.compute`, the only package that touches ``distributed``.
 """
 
 from __future__ import annotations
@@ -14,28 +14,21 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .errors import AnomalyDaskError
+from ..errors import ClusterError, EnvironmentMismatchError
 
 __all__ = [
     "CHECKED_PACKAGES",
-    "ClusterError",
-    "EnvironmentMismatchError",
     "TorchThreads",
     "check_environment",
     "connect",
+    "local_client",
     "package_versions",
+    "performance_report",
+    "set_torch_threads",
 ]
 
 #: Packages whose versions must agree between the client and every worker.
 CHECKED_PACKAGES = ("anomaly_dask", "torch", "numpy", "dask", "distributed", "zarr")
-
-
-class ClusterError(AnomalyDaskError, ConnectionError):
-    """A Dask scheduler could not be reached, or a cluster could not be started."""
-
-
-class EnvironmentMismatchError(AnomalyDaskError, RuntimeError):
-    """Workers run other versions of the packages than the client."""
 
 
 def package_versions() -> dict[str, str]:
@@ -187,3 +180,58 @@ def connect(
         if check:
             check_environment(client)
         yield client
+
+
+@contextlib.contextmanager
+def local_client(client: Any | None, threads: int | None = None) -> Iterator[Any]:
+    """Yield the client to run on: ``client``, else the process's current distributed
+    client, else a LocalCluster client started (and closed) for the block.
+
+    As with ``dask.compute``, a ``distributed.Client`` made in this process (and not
+    closed) is used when no ``client`` is passed. Otherwise an in-process cluster is used:
+    one worker with ``threads`` task threads (default 1) sharing one copy of the model,
+    torch using the remaining cores inside each task (measured faster on CPU than several
+    single-threaded tasks).
+    """
+    from distributed import Client, LocalCluster, default_client
+
+    if client is None:
+        try:
+            client = default_client()
+        except ValueError:  # no current client
+            client = None
+    if client is not None:
+        yield client
+        return
+    with LocalCluster(
+        n_workers=1, threads_per_worker=threads or 1, processes=False, dashboard_address=":0"
+    ) as cluster, Client(cluster) as own:
+        yield own
+
+
+def set_torch_threads() -> None:
+    """Give torch this task thread's share of the worker's cores (before a forward pass).
+
+    The budget is what :class:`TorchThreads` recorded on the worker, else
+    ``cpu_count // worker threads``; outside a worker, all cores.
+    """
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        nthreads = worker.state.nthreads
+        budget = getattr(worker, "anomaly_dask_torch_threads", None)  # set by TorchThreads
+    except (ImportError, ValueError):
+        nthreads, budget = 1, None
+    want = budget or max(1, (os.cpu_count() or 1) // max(1, nthreads))
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+
+
+def performance_report(filename: str) -> Any:
+    """Context manager recording Dask's HTML performance report of the block to ``filename``."""
+    from distributed import performance_report as report
+
+    return report(filename=filename)

@@ -1,7 +1,9 @@
-"""Tests of the synthetic sidescan-sonar mosaic generator."""
+"""Tests of the data generators: the synthetic sidescan-sonar mosaics and the example dataset."""
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -11,9 +13,9 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from anomaly_dask import synthetic
+from anomaly_dask.datasets import SonarScene, iter_tiles, make_scene_array, tiff_writer, write_tiff
+from anomaly_dask.datasets.example import build_example_dataset, missing_fonts
 from anomaly_dask.errors import ParameterError
-from anomaly_dask.synthetic import SonarScene, iter_tiles, make_scene_array, write_tiff
 
 # Small swaths so that a few hundred pixels hold several lines, gaps and nadir bands.
 SMALL = {
@@ -232,7 +234,7 @@ def test_write_tiff_round_trip(tmp_path, scene, full):
 
 
 def test_write_bigtiff_when_large(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthetic, "_BIGTIFF_BYTES", 0)
+    monkeypatch.setattr(tiff_writer, "_BIGTIFF_BYTES", 0)
     s = SonarScene(150, 140, seed=8, dtype="uint16", **SMALL)
     path = tmp_path / "big.tif"
     write_tiff(path, s, tile=64)
@@ -299,3 +301,81 @@ def test_site_sets_the_ripple_regime_and_nothing_else():
         SonarScene(200, 180, seed=41, **SMALL).render(0, 200, 0, 180),
         SonarScene(200, 180, seed=41, site=40, **SMALL).render(0, 200, 0, 180),
     )
+
+
+# ---- the generator's output is pinned ---------------------------------------------------------
+
+# SHA-256 of render, truth, valid, nadir, sediment and nadir_gap_width of a 300 x 260 scene,
+# concatenated in that order. The values were computed with anomaly_dask/synthetic.py before
+# the generator moved into anomaly_dask/datasets/, and pin its output: the move (and any later
+# refactoring) must not change a single pixel. A deliberate change to the generator's look
+# updates them, and the committed data made from it.
+PINNED_SCENES = [
+    (dict(seed=5, n_objects=8, **SMALL), 8, "3aed08da0bce38800339a8a48ed865a1703bb8dc27ec391fd893b2760af08ff0"),
+    (
+        dict(seed=11, dtype="uint16", nodata=3, **SMALL),
+        3,
+        "6aeb005898617d0743d4fe17a922a71b32cdb042ed0eface7aa52b74fa73bc6e",
+    ),
+    (dict(seed=2), 3, "962c3dc1ec2a31c75201226477d31af04d66d1d4ced856603151a39ae5e34dd0"),
+]
+
+
+@pytest.mark.parametrize(("kw", "n_targets", "digest"), PINNED_SCENES)
+def test_pixels_hash_to_pinned_value(kw, n_targets, digest):
+    s = SonarScene(300, 260, **kw)
+    h = hashlib.sha256()
+    for layer in ("render", "truth", "valid", "nadir", "sediment", "nadir_gap_width"):
+        h.update(np.ascontiguousarray(getattr(s, layer)(0, 300, 0, 260)).tobytes())
+    assert len(s.targets) == n_targets
+    assert h.hexdigest() == digest
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Absolute names of the modules a file of ``anomaly_dask/datasets/`` imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ["anomaly_dask", "datasets"][: 2 - (node.level - 1)] if node.level else []
+            if node.module:
+                names.add(".".join([*base, node.module]))
+            else:  # "from .. import x": x may be a module
+                names.update(".".join([*base, a.name]) for a in node.names)
+    return names
+
+
+def test_generators_do_not_import_the_scheduler():
+    files = sorted((REPO / "anomaly_dask" / "datasets").glob("*.py"))
+    assert len(files) >= 6
+    for path in files:
+        for name in _imported_modules(path):
+            assert name.split(".")[0] not in ("dask", "distributed"), (path.name, name)
+            if name.startswith("anomaly_dask.") and not name.startswith("anomaly_dask.datasets"):
+                assert name == "anomaly_dask.errors", (path.name, name)
+
+
+# ---- the example dataset ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(bool(missing_fonts()), reason="needs the fonts of fonts-noto-core")
+def test_example_dataset_rebuilds_the_committed_files(tmp_path):
+    written = build_example_dataset(tmp_path, seed=0)
+    assert [(w.split, w.box is not None) for w in written] == (
+        [("train", False)] * 4 + [("val", False)] * 2 + [("test", True)] * 3 + [("test", False)]
+    )
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
+    assert len(files) == 14
+    for rel in files:
+        assert (tmp_path / rel).read_bytes() == (REPO / "example_dataset" / rel).read_bytes(), rel
+
+
+def test_example_cli_reports_missing_fonts(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("make_example_dataset", REPO / "jobs" / "make_example_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "missing_fonts", lambda: [tmp_path / "nofont.ttf"])
+    assert module.main(["--out", str(tmp_path / "out")]) == 1
+    assert "fonts-noto-core" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

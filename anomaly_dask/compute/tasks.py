@@ -1,0 +1,366 @@
+"""Tasks and their streams: training passes, calibration samples, scoring, detect runs.
+
+Part of :mod:`anomaly_dask.compute`. Each task gets the small picklable image source, its
+chunk and futures of the model, sent to every worker once; at most two tasks per worker
+thread are in flight, and results are consumed as they come (or in order), so a mosaic is
+never held whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from ..dictionary import Dictionary, coreset, fit_projection, init_kmeans
+from ..grid import TileGrid, chunk_windows
+from ..io import ImageSource
+from ..scoring import Extractor, Rendering, Unit, pixel_sample, render_chunk, subsample
+from .cluster import local_client, set_torch_threads
+
+__all__ = [
+    "Session",
+    "detect_chunks",
+    "fit_model",
+    "sample_pixel_scores",
+    "scatter",
+    "score_array",
+    "score_blocks",
+    "session",
+    "train_dictionary",
+]
+
+log = logging.getLogger("anomaly_dask")
+
+
+def scatter(client: Any, *parts: Any) -> tuple[Any, ...]:
+    """Send each of ``parts`` (extractor, dictionary) to every worker once; their futures."""
+    return tuple(client.scatter(p, broadcast=True) for p in parts)
+
+
+class Session:
+    """A client with a fitted model on its workers (sent once), for one estimator call.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    extractor : Extractor
+    dictionary : Dictionary
+    """
+
+    def __init__(self, client: Any, extractor: Extractor, dictionary: Dictionary) -> None:
+        self.client = client
+        self.extractor, self.dictionary = scatter(client, extractor, dictionary)
+
+    def score(self, source: ImageSource, grid: TileGrid, chunk: int, n_neighbors: int) -> np.ndarray:
+        """Pixel scores of one (ordinary-sized) image, whole."""
+        array = score_array(self.extractor, self.dictionary, source, grid, chunk, n_neighbors)
+        return self.client.compute(array).result()
+
+    def blocks(self, units: list[Unit], n_neighbors: int) -> Iterator[tuple[Unit, np.ndarray]]:
+        """Pixel scores of each unit in order, streamed (see :func:`score_blocks`)."""
+        return score_blocks(self.client, self.extractor, self.dictionary, units, n_neighbors)
+
+    def detect(
+        self, jobs: list[tuple[Unit, tuple[int, int]]], store: Any, rendering: Rendering, progress: Any = None
+    ) -> list[dict[str, float]]:
+        """Score and write chunks into ``store`` (see :func:`detect_chunks`)."""
+        return detect_chunks(self.client, self.extractor, self.dictionary, jobs, store, rendering, progress)
+
+
+@contextlib.contextmanager
+def session(client: Any | None, extractor: Extractor, dictionary: Dictionary) -> Iterator[Session]:
+    """A :class:`Session` on ``client`` (or on the client :func:`local_client` picks)."""
+    with local_client(client) as c:
+        yield Session(c, extractor, dictionary)
+
+
+def fit_model(
+    client: Any | None,
+    extractor: Extractor,
+    train_units: list[Unit],
+    val_units: list[Unit],
+    *,
+    calibration_step: int,
+    n_neighbors: int,
+    **fit: Any,
+) -> tuple[Dictionary, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Fit the dictionary on ``train_units`` and sample raw pixel scores of ``val_units``
+    for its calibration, in one flow on one cluster.
+
+    The extractor is sent to the workers once; the dictionary once for the second
+    training pass (only when the sample did not hold every tile) and once, complete, for
+    the calibration sample. Nothing sent is changed afterwards.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+    extractor : Extractor
+    train_units, val_units : list of Unit
+    calibration_step : int
+        Pixels are sampled on the lattice of every ``calibration_step``-th row and column.
+    n_neighbors : int
+        Centroids averaged per tile score.
+    **fit
+        Keyword arguments of :func:`train_dictionary`.
+
+    Returns
+    -------
+    dictionary : Dictionary
+        Without calibration.
+    sample : (scores, distance, labels)
+        See :func:`sample_pixel_scores`.
+    """
+    with local_client(client) as c:
+        (ex,) = scatter(c, extractor)
+        dictionary = train_dictionary(c, ex, train_units, **fit)
+        (d,) = scatter(c, dictionary)
+        sample = sample_pixel_scores(c, ex, d, val_units, n_neighbors, calibration_step)
+    return dictionary, sample
+
+
+def _sample_task(extractor: Extractor, unit: Unit, n: int, seed: int) -> np.ndarray:
+    set_torch_threads()
+    return subsample(extractor.owned(unit), n, seed)
+
+
+def _project_task(extractor: Extractor, dictionary: Dictionary, unit: Unit, seed: int) -> np.ndarray:
+    set_torch_threads()
+    z = dictionary.transform(extractor.owned(unit))
+    return z[np.random.default_rng(seed).permutation(len(z))]
+
+
+def _pixel_sample_task(
+    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, step: int
+) -> np.ndarray:
+    set_torch_threads()
+    return pixel_sample(extractor, dictionary, unit, n_neighbors, step)
+
+
+def _pixel_score_task(
+    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int
+) -> np.ndarray:
+    set_torch_threads()
+    return extractor.pixel_scores(unit, dictionary, n_neighbors)[0]
+
+
+def _detect_task(
+    extractor: Extractor, dictionary: Dictionary, unit: Unit, store: Any, index: tuple[int, int],
+    rendering: Rendering,
+) -> dict[str, float]:
+    """Score one chunk, write score / mask / overlay to the store, return its statistics."""
+    set_torch_threads()
+    scores, raw, _, _ = extractor.pixel_scores(unit, dictionary, rendering.n_neighbors)
+    mask, overlay, stats = render_chunk(scores, raw, extractor.intensity, rendering)
+    store.write_chunk(index[0], index[1], scores, mask, overlay)
+    return stats
+
+
+def detect_chunks(
+    client: Any,
+    extractor: Any,
+    dictionary: Any,
+    jobs: list[tuple[Unit, tuple[int, int]]],
+    store: Any,
+    rendering: Rendering,
+    progress: Any = None,
+) -> list[dict[str, float]]:
+    """Run :func:`_detect_task` for each (unit, chunk index), at most two per thread in flight.
+
+    ``progress(done, total)`` is called after each chunk.
+    """
+    out = []
+    args = [(extractor, dictionary, u, store, idx, rendering) for u, idx in jobs]
+    for k, stats in enumerate(_stream(client, _detect_task, args, _in_flight(client)), 1):
+        out.append(stats)
+        if progress is not None:
+            progress(k, len(jobs))
+    return out
+
+
+def _stream(client: Any, fn: Any, jobs: Iterable[tuple], limit: int, ordered: bool = False) -> Iterator[Any]:
+    """Run ``fn(*args)`` for each job with at most ``limit`` in flight; yield results.
+
+    Results come as they complete, or in job order with ``ordered=True`` (then finished
+    results waiting for an earlier one count against ``limit``), which makes what is
+    computed from them independent of the cluster's size and timing.
+    """
+    from distributed import as_completed
+
+    jobs = iter(enumerate(jobs))
+    pending = as_completed()
+    index: dict[str, int] = {}
+    waiting: dict[int, Any] = {}
+    following = 0
+
+    def submit() -> bool:
+        for k, args in jobs:
+            fut = client.submit(fn, *args, pure=False)
+            index[fut.key] = k
+            pending.add(fut)
+            return True
+        return False
+
+    while pending.count() + len(waiting) < limit and submit():
+        pass
+    for fut in pending:
+        result = fut.result()
+        k = index.pop(fut.key)
+        fut.release()
+        if not ordered:
+            yield result
+        else:
+            waiting[k] = result
+            while following in waiting:
+                yield waiting.pop(following)
+                following += 1
+        while pending.count() + len(waiting) < limit and submit():
+            pass
+
+
+def _in_flight(client: Any) -> int:
+    return 2 * max(1, sum(client.nthreads().values()))
+
+
+def train_dictionary(
+    client: Any,
+    extractor: Any,
+    units: list[Unit],
+    *,
+    pca_variance: float,
+    n_clusters: int,
+    n_init: int,
+    max_fit_tiles: int,
+    random_state: int,
+    memory_size: int = 0,
+    batch_size: int = 4096,
+) -> Dictionary:
+    """Fit PCA, scaler and MiniBatchKMeans on the tiles of ``units``, streaming chunk results.
+
+    Memory is bounded by ``max_fit_tiles`` feature rows whatever the number of units: PCA is
+    fitted on a random sample of at most that many tiles; k-means is seeded on the projected
+    sample and refined by ``partial_fit`` on every chunk's projected tiles, in shuffled
+    order. When the sample already holds every training tile the second pass reuses it.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    extractor : Future of Extractor
+    units : list of Unit
+        Training chunks.
+    pca_variance, n_clusters, n_init : float, int, int
+        Fraction of variance kept; k-means clusters and restarts of the seeding k-means.
+    max_fit_tiles : int
+        Largest number of tile features held at once.
+    memory_size : int
+        Tiles of the coreset memory chosen from the projected sample (0: none; see
+        :func:`~anomaly_dask.dictionary.coreset`).
+    random_state : int
+        Seed of sampling, PCA and k-means.
+    batch_size : int
+        Rows per ``partial_fit`` call.
+    """
+    rng = np.random.default_rng(random_state)
+    order = [units[i] for i in rng.permutation(len(units))]
+    total = sum(
+        (u.window.own_rows[1] - u.window.own_rows[0]) * (u.window.own_cols[1] - u.window.own_cols[0])
+        for u in order
+    )
+    complete = total <= max_fit_tiles
+    sample_units = order if complete else order[: min(len(order), 256)]
+    per_unit = max_fit_tiles if complete else max(1, max_fit_tiles // len(sample_units))
+    seeds = rng.integers(0, 2**31, size=(len(order), 2))
+    jobs = [(extractor, u, per_unit, int(seeds[i, 0])) for i, u in enumerate(sample_units)]
+    sample_parts = list(_stream(client, _sample_task, jobs, _in_flight(client), ordered=True))
+    sample = np.concatenate(sample_parts)
+    log.info("fitting PCA on %d tile features of dimension %d", *sample.shape)
+    dictionary = fit_projection(sample, pca_variance, random_state)
+    projected = dictionary.transform(sample)
+    log.info("PCA keeps %d components; seeding k-means (k=%d)", projected.shape[1], n_clusters)
+    mbk = init_kmeans(projected, n_clusters, n_init, random_state, batch_size)
+    if memory_size:
+        dictionary = dataclasses.replace(dictionary, memory=coreset(projected, memory_size, random_state))
+        log.info("coreset memory of %d of %d sampled tiles", len(dictionary.memory), len(projected))
+    del sample, projected
+    if complete:
+        parts: Iterable[np.ndarray] = (dictionary.transform(p) for p in sample_parts)
+    else:
+        sample_parts.clear()
+        (dict_future,) = scatter(client, dictionary)
+        jobs2 = [(extractor, dict_future, u, int(seeds[i, 1])) for i, u in enumerate(order)]
+        parts = _stream(client, _project_task, jobs2, _in_flight(client), ordered=True)
+    for z in parts:
+        for k in range(0, len(z), batch_size):
+            batch = z[k : k + batch_size]
+            if len(batch) >= mbk.n_clusters:
+                mbk.partial_fit(batch)
+    return dataclasses.replace(dictionary, centroids=mbk.cluster_centers_.astype(np.float32))
+
+
+def sample_pixel_scores(
+    client: Any, extractor: Any, dictionary: Any, units: list[Unit], n_neighbors: int, step: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The units' valid raw pixel scores on a lattice of every ``step``-th row and column.
+
+    Returns
+    -------
+    scores : ndarray of float32
+    distance : ndarray of float32
+        Each pixel's distance to no-data, capped (see :meth:`Extractor.pixel_scores`); inf
+        where its chunk has none within the cap.
+    labels : ndarray of int
+        Each pixel's nearest centroid (see :meth:`Extractor.pixel_scores`).
+    """
+    jobs = [(extractor, dictionary, u, n_neighbors, step) for u in units]
+    both = np.concatenate(list(_stream(client, _pixel_sample_task, jobs, _in_flight(client), ordered=True)))
+    return both[:, 0], both[:, 1], both[:, 2].astype(np.int64)
+
+
+def score_blocks(
+    client: Any, extractor: Any, dictionary: Any, units: list[Unit], n_neighbors: int
+) -> Iterator[tuple[Unit, np.ndarray]]:
+    """Pixel scores of each unit, yielded in unit order with a bounded number in flight
+    (so a whole mosaic is never held at once)."""
+    jobs = [(extractor, dictionary, u, n_neighbors) for u in units]
+    yield from zip(units, _stream(client, _pixel_score_task, jobs, _in_flight(client), ordered=True))
+
+
+def score_array(
+    extractor: Any, dictionary: Any, source: ImageSource, grid: TileGrid, chunk: int, n_neighbors: int,
+    client: Any = None,
+) -> da.Array:
+    """Lazy pixel scores of one image: a dask array chunked like the processing.
+
+    Parameters
+    ----------
+    extractor, dictionary : Future or object
+        The model's parts, ideally futures scattered once per job.
+    source : ImageSource
+        The image.
+    grid : TileGrid
+        Its tile grid.
+    chunk : int
+        Chunk size in pixels.
+    n_neighbors : int
+        Centroids averaged per tile score.
+    client : distributed.Client, optional
+        The client that will compute the array: the model is sent to its workers once now.
+    """
+    if client is not None:
+        extractor, dictionary = scatter(client, extractor, dictionary)
+    rows = []
+    for row in chunk_windows(grid, chunk):
+        blocks = []
+        for w in row:
+            task = dask.delayed(_pixel_score_task, pure=True)(
+                extractor, dictionary, Unit(source, grid, w), n_neighbors
+            )
+            blocks.append(da.from_delayed(task, shape=w.shape, dtype=np.float32))
+        rows.append(blocks)
+    return da.block(rows)
