@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check anomaly_dask tests jobs
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 bench: $(STAMP)
 	$(BIN)/python jobs/bench_features.py

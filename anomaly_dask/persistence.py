@@ -75,7 +75,8 @@ def save_model(det: AnomalyDetector, path: str, storage_options: dict[str, Any] 
     return det.fingerprint_
 
 
-def load_model(klass: type[AnomalyDetector],
+def load_model(
+    klass: type[AnomalyDetector],
     path: str,
     storage_options: dict[str, Any] | None = None,
     trusted_keys: Any = None,

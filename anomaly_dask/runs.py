@@ -67,7 +67,8 @@ def pair_ground_truth(det: AnomalyDetector, test: Any, ground_truth: Any, s: dic
     return pairs
 
 
-def evaluate_images(det: AnomalyDetector,
+def evaluate_images(
+    det: AnomalyDetector,
     test: Any,
     ground_truth: Any,
     output: str | None = None,
@@ -150,7 +151,8 @@ def evaluate_images(det: AnomalyDetector,
     return result
 
 
-def detect_image(det: AnomalyDetector,
+def detect_image(
+    det: AnomalyDetector,
     image: Any,
     output: str,
     *,

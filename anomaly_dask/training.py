@@ -53,7 +53,8 @@ def calibration_step(val_units: list[Unit]) -> int:
     return max(1, int(np.ceil(np.sqrt(area / CALIBRATION_PIXELS))))
 
 
-def calibrate(det: AnomalyDetector,
+def calibrate(
+    det: AnomalyDetector,
     extractor: Extractor,
     dictionary: Dictionary,
     sample: tuple[np.ndarray, np.ndarray, np.ndarray],

@@ -99,18 +99,23 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def runs(cluster, images) -> dict[str, Path]:
-    """train + detect through the CLI on the remote cluster and on a LocalCluster."""
+    """train + detect through the CLI (a separate process) on the remote cluster, and the
+    same through the API on the in-process LocalCluster of this test session."""
     root = Path(images["root"])
-    out = {}
-    for kind, where in (("remote", ["--scheduler", cluster["address"]]), ("local", ["--workers", "1"])):
-        model = root / f"model_{kind}.safetensors"
-        _cli("train", images["train"], "--val", images["val"], "--model", str(model), *FAST,
-             "--chunk-size", "128", *where)
-        report = ["--performance-report", str(root / f"report_{kind}.html")]
-        _cli("detect", str(model), images["test"], "--output", str(root / kind), *CHUNK, *where, *report)
-        out[kind] = root / kind / "test.zarr"
-        out[f"model_{kind}"] = model
-        out[f"report_{kind}"] = root / f"report_{kind}.html"
+    out: dict[str, Path] = {}
+    model = root / "model_remote.safetensors"
+    where = ["--scheduler", cluster["address"]]
+    _cli("train", images["train"], "--val", images["val"], "--model", str(model), *FAST,
+         "--chunk-size", "128", *where)
+    report = ["--performance-report", str(root / "report_remote.html")]
+    _cli("detect", str(model), images["test"], "--output", str(root / "remote"), *CHUNK, *where, *report)
+    out.update(remote=root / "remote" / "test.zarr", model_remote=model, report_remote=root / "report_remote.html")
+    local = AnomalyDetector(weights=None, kmeans_clusters=8, kmeans_trials=2, random_state=0, chunk_size=128,
+                            verbose=0).train(images["train"], images["val"])
+    local.save(str(root / "model_local.safetensors"))
+    (root / "local").mkdir(exist_ok=True)
+    local.detect(images["test"], str(root / "local" / "test.zarr"))
+    out.update(local=root / "local" / "test.zarr", model_local=root / "model_local.safetensors")
     return out
 
 
@@ -125,7 +130,7 @@ def test_remote_cluster_matches_local_cluster(runs):
     assert np.nanmax(np.abs(sa - sb)) <= 1e-5 * max(span, 1.0)
     np.testing.assert_array_equal(a["mask"][:], b["mask"][:])
     assert (runs["remote"] / "quicklook.png").exists()
-    assert runs["report_remote"].stat().st_size > 1000 and runs["report_local"].stat().st_size > 1000
+    assert runs["report_remote"].stat().st_size > 1000
 
 
 def test_scheduler_file_and_user_errors_on_cluster(cluster, runs, images, tmp_path):
