@@ -126,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--overwrite", action="store_true",
                         help="replace stores written by another model or parameters")
     detect.add_argument("--no-quicklook", action="store_true", help="do not write quicklook.png")
-    detect.add_argument("--trusted-key", dest="trusted_keys", action="append", default=None, metavar="PATH",
-                        help="load the model only if signed by this Ed25519 public key (PEM); repeatable")
+    _add_trusted_key(detect)
     _add_common_options(detect)
     _add_detector_options(detect, "detect")
 
@@ -143,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(<stem>.*, <stem>_mask.*, <stem>_gt.*); 0 normal, one positive value anomalous")
     evaluate.add_argument("--output", required=True, metavar="DIR", help="report folder/URL")
     evaluate.add_argument("--no-overlays", action="store_true", help="do not write per-image overlays")
-    evaluate.add_argument("--trusted-key", dest="trusted_keys", action="append", default=None, metavar="PATH",
-                        help="load the model only if signed by this Ed25519 public key (PEM); repeatable")
+    _add_trusted_key(evaluate)
     _add_common_options(evaluate)
     _add_detector_options(evaluate, "evaluate")
 
@@ -155,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("prefix", metavar="OUT_PREFIX", help="path of the key files without extension")
     return parser
+
+
+def _add_trusted_key(parser: argparse.ArgumentParser) -> None:
+    """The ``--trusted-key`` option of the subcommands that load a model."""
+    parser.add_argument("--trusted-key", dest="trusted_keys", action="append", default=None, metavar="PATH",
+                        help="load the model only if signed by this Ed25519 public key (PEM); repeatable")
 
 
 def _parse_value(text: str) -> Any:
