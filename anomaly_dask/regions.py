@@ -2,8 +2,9 @@
 
 Each block is labelled on its own (8-connected); the labels of its edge rows and columns
 are kept and, once an image is complete, joined across block borders (a union-find over the
-``(block, label)`` pieces, solved as connected components of a sparse graph). Used by
-:class:`~anomaly_dask.evaluation.MetricsAccumulator`.
+``(block, label)`` pieces, solved as connected components of a sparse graph). The joining
+is :class:`BorderJoin`; used by :class:`~anomaly_dask.evaluation.MetricsAccumulator` (through
+:class:`Labels`) and by :mod:`anomaly_dask.contacts`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
 
-__all__ = ["EIGHT", "ImageState", "Labels", "RegionTotals", "near_anomalies", "near_mask"]
+__all__ = ["EIGHT", "BorderJoin", "ImageState", "Labels", "RegionTotals", "near_anomalies", "near_mask"]
 
 #: 8-connectivity for :func:`scipy.ndimage.label`.
 EIGHT = np.ones((3, 3), dtype=bool)
@@ -29,24 +30,32 @@ _HALF_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))
 
 
 @dataclass
-class Labels:
-    """Connected pieces of one kind (ground truth or mask) collected over an image's blocks."""
+class BorderJoin:
+    """Pieces of connected regions labelled block by block, and how they join across borders.
+
+    Each block's labels ``1..n`` become *nodes* ``n_nodes .. n_nodes + n - 1``; only the
+    labelled pixels on the block's outer rows and columns are kept, so the memory is that
+    of the anomalous border pixels, never of the whole image.
+    """
 
     n_nodes: int = 0
-    #: Per piece: number of valid pixels (ground truth) and a flag (hit / touches ground truth).
-    sizes: list[np.ndarray] = field(default_factory=list)
-    flags: list[np.ndarray] = field(default_factory=list)
-    #: Sparse histograms of ground-truth pieces: node, bin, count.
-    hist_node: list[np.ndarray] = field(default_factory=list)
-    hist_bin: list[np.ndarray] = field(default_factory=list)
-    hist_count: list[np.ndarray] = field(default_factory=list)
     #: Labelled edge pixels of the blocks: image row, image column, node.
     edge_y: list[np.ndarray] = field(default_factory=list)
     edge_x: list[np.ndarray] = field(default_factory=list)
     edge_node: list[np.ndarray] = field(default_factory=list)
 
     def add_block(self, labels: np.ndarray, n: int, y0: int, x0: int) -> np.ndarray:
-        """Record a block's edge labels; return the node id of each label (index 0 unused)."""
+        """Record a block's edge labels; return the node id of each label (index 0 unused).
+
+        Parameters
+        ----------
+        labels : numpy.ndarray
+            The block's labels (0 background, ``1..n``), as from :func:`scipy.ndimage.label`.
+        n : int
+            Number of labels.
+        y0, x0 : int
+            Image position of the block's top-left pixel.
+        """
         nodes = np.arange(self.n_nodes - 1, self.n_nodes + n, dtype=np.int64)
         nodes[0] = -1
         self.n_nodes += n
@@ -87,6 +96,19 @@ class Labels:
         graph = sparse.coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(self.n_nodes,) * 2)
         count, roots = connected_components(graph.tocsr(), directed=False)
         return roots.astype(np.int64), int(count)
+
+
+@dataclass
+class Labels(BorderJoin):
+    """Connected pieces of one kind (ground truth or mask) collected over an image's blocks."""
+
+    #: Per piece: number of valid pixels (ground truth) and a flag (hit / touches ground truth).
+    sizes: list[np.ndarray] = field(default_factory=list)
+    flags: list[np.ndarray] = field(default_factory=list)
+    #: Sparse histograms of ground-truth pieces: node, bin, count.
+    hist_node: list[np.ndarray] = field(default_factory=list)
+    hist_bin: list[np.ndarray] = field(default_factory=list)
+    hist_count: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
