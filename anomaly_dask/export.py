@@ -24,7 +24,7 @@ import zarr
 
 from .errors import OutputLocationError, ParameterError
 from .georef import to_rasterio
-from .locations import is_local, join, normalize_url
+from .locations import is_local, is_object_store, join, normalize_url
 from .outputs import write_png
 from .store import ARRAY_NAMES, OutputStore
 
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["write_geotiff", "write_png_tiles", "write_quicklook"]
 
 _BIGTIFF_BYTES = 2**31  # uncompressed size above which write_geotiff writes a BigTIFF
-#: fsspec protocols whose uploads appear atomically under their final name.
-_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"})
 
 #: GDAL names of the compressions write_geotiff takes (tifffile's names, as before).
 _COMPRESSION = {
@@ -59,11 +57,6 @@ BAND_DESCRIPTIONS = {
     "score": ("anomaly score (NaN where no data)",),
     "overlay": ("red", "green", "blue"),
 }
-
-
-def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return bool(set(protocols) & _OBJECT_STORES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +354,7 @@ def write_geotiff(
         )
         if local:
             os.replace(tmp, path)
-        elif _is_object_store(fs):
+        elif is_object_store(fs):
             fs.put_file(tmp, path)
         else:
             fs.put_file(tmp, path + ".partial")

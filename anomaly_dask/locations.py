@@ -17,7 +17,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .errors import OutputLocationError, OutputNotWritableError, ParameterError
 
-__all__ = ["check_json", "check_location", "check_writable", "is_local", "is_uri", "join", "normalize_url", "options_key"]
+__all__ = [
+    "OBJECT_STORES", "check_json", "check_location", "check_writable", "is_local", "is_object_store", "is_uri",
+    "join", "normalize_url", "options_key",
+]
+
+#: fsspec protocols whose uploads appear atomically under their final name.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"})
 
 
 def is_uri(url: str) -> bool:
@@ -52,6 +58,12 @@ def check_json(value: Any, what: str) -> None:
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for an object store, where an upload appears only once complete (:data:`OBJECT_STORES`)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return bool(set(protocols) & OBJECT_STORES)
 
 
 def check_location(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
