@@ -202,7 +202,7 @@ def _outline(
     parts = [
         shapely.geometry.shape(geom)
         for geom, value in shapes(region, mask=region.astype(bool), connectivity=4,
-                                  transform=transform * Affine.translation(x0, y0))
+                                  transform=transform @ Affine.translation(x0, y0))
         if value == 1
     ]  # fmt: skip
     return shapely.union_all(parts) if len(parts) > 1 else parts[0]
@@ -296,8 +296,8 @@ def find_contacts(
             "false_alarm_rate_at_peak": min(1.0, 10.0 ** -peak),
         }  # fmt: skip
         if transform is not None:
-            cx, cy = transform * (col, row)
-            px, py = transform * (c["peak_col"] + 0.5, c["peak_row"] + 0.5)
+            cx, cy = transform @ (col, row)
+            px, py = transform @ (c["peak_col"] + 0.5, c["peak_row"] + 0.5)
             c.update(centroid_x=float(cx), centroid_y=float(cy), peak_x=float(px), peak_y=float(py))
             c[area_key] = area * pixel_area
             c["map_units"] = units
@@ -374,7 +374,9 @@ def contacts_from_store(
     """
     attrs = store.attrs
     if not attrs.get("complete", False):
-        raise OutputIncompleteError(f"{store.url}: the run is not complete; resume it before listing contacts")
+        raise OutputIncompleteError(
+            f"{store.url}: the run is not complete; resume it before listing contacts"
+        )
     if threshold is None:
         threshold = attrs.get("threshold")
         if threshold is None:
