@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from anomaly_dask.contact_files import write_contacts
 from anomaly_dask.contacts import contacts_from_store, find_contacts
-from anomaly_dask.errors import OutputIncompleteError, ParameterError
+from anomaly_dask.errors import OutputIncompleteError, OutputLocationError, ParameterError
 from anomaly_dask.store import OutputStore
 
 UTM = {"crs_epsg": 32631, "crs_wkt": None, "transform": [500000.0, 2.0, 0.0, 6000000.0, 0.0, -2.0]}
@@ -328,7 +328,7 @@ def test_remote_and_bad_destinations(tmp_path: Path) -> None:
         assert len(f.read().splitlines()) == len(contacts) + 1
     with pytest.raises(ParameterError, match="formats"):
         write_contacts(contacts, tmp_path / "x", formats=("shp",))
-    with pytest.raises(Exception, match="does not exist"):
+    with pytest.raises(OutputLocationError, match="does not exist"):
         write_contacts(contacts, tmp_path / "missing" / "x", crs=UTM)
 
 
