@@ -66,7 +66,9 @@ def _expand_pattern(item: str, fs: Any, path: str, options: dict[str, Any] | Non
     return found
 
 
-def find_inputs(inputs: Sequence[str], storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+def find_inputs(
+    inputs: Sequence[str], storage_options: dict[str, Any] | None = None
+) -> list[tuple[str, str]]:
     """The images of ``detect``'s inputs, each with the stem of its output store.
 
     Parameters
