@@ -1,13 +1,7 @@
 """``anomaly-dask``: train a model and detect anomalies in large images from the shell.
 
-Examples
---------
-::
-
-    anomaly-dask train normal/ --val val/ --model model.safetensors --random-state 0
-    anomaly-dask detect model.safetensors a.tif b.tif --output s3://bucket/out/ \\
-        --scheduler tcp://head:8786 --geotiff mask --storage-option anon=false
-    anomaly-dask evaluate model.safetensors test/ --ground-truth gt/ --output report/
+Building the parser imports nothing heavy (no torch, dask or zarr), so ``--help`` is quick;
+each command imports what it needs when it runs. Typical commands are in :data:`EXAMPLES`.
 """
 
 from __future__ import annotations
@@ -23,15 +17,34 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from . import __version__
+from .cli_support import CliError, cli_terms, find_inputs, json_default, stores_for
 from .config import PARAMS, Param, options_for
 
-__all__ = ["build_parser", "main", "make_local_folder", "output_for", "parse_storage_options"]
+__all__ = [
+    "CliError", "build_parser", "main", "make_local_folder", "output_for", "parse_storage_options",
+]
 
 PROG = "anomaly-dask"
 
+#: Shown at the end of ``anomaly-dask --help``.
+EXAMPLES = """\
+examples:
+  anomaly-dask train normal/ --val val/ --model model.safetensors --random-state 0
+  anomaly-dask detect model.safetensors scans/ 'more/*.tif' --output out/ --geotiff mask
+  anomaly-dask detect model.safetensors s3://bucket/big.tif --output s3://bucket/out/ \\
+      --scheduler tcp://head:8786 --storage-option anon=false
+  anomaly-dask evaluate model.safetensors test/ --ground-truth gt/ --output report/ --json
 
-class CliError(Exception):
-    """A user error reported as one line with exit code 1."""
+Run 'anomaly-dask COMMAND --help' for the options of each command."""
+
+#: Shown at the end of ``anomaly-dask detect --help``.
+DETECT_EXAMPLES = """\
+examples:
+  anomaly-dask detect model.safetensors scan.tif --output scan.zarr
+  anomaly-dask detect model.safetensors scans/ --output out/      # out/<sub-folder>/<name>.zarr
+  anomaly-dask detect model.safetensors 'data/**/*.tif' s3://b/x.zarr --output out/ --json
+  DASK_SCHEDULER_ADDRESS=tcp://head:8786 anomaly-dask detect model.safetensors big.tif --output out/"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,7 +88,9 @@ def _add_detector_options(parser: argparse.ArgumentParser, command: str) -> None
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("cluster and storage")
     where = group.add_mutually_exclusive_group()
-    where.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="address of a running Dask scheduler (default: $DASK_SCHEDULER_ADDRESS, or "
+                            "dask's scheduler-address setting; without any, a local cluster is started)")
     where.add_argument("--scheduler-file", metavar="FILE", help="scheduler file of a running Dask cluster")
     group.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="seconds to wait for --scheduler / --scheduler-file (default: 10)")
@@ -94,14 +109,18 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
                        help="skip the client/worker package version check")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more output (-v progress logs, -vv debug and tracebacks)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only (no progress bars)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON summary object on stdout; other messages go to stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``anomaly-dask`` argument parser with its ``train`` and ``detect`` subcommands."""
     parser = _Parser(
         prog=PROG, description="CNN-tile anomaly detection for very large images on Dask.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,detect,evaluate,keygen}", required=True)
     train = sub.add_parser("train", help="learn a model from anomaly-free images",
                            description="Learn a model from anomaly-free images and save it.")
@@ -114,12 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detector_options(train, "train")
 
     detect = sub.add_parser("detect", help="score large images into zarr stores",
-                            description="Score images chunk by chunk into zarr stores (resumable).")
+                            description="Score images chunk by chunk into zarr stores (resumable).",
+                            epilog=DETECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     detect.add_argument("model", metavar="MODEL", help="model file written by train")
-    detect.add_argument("inputs", nargs="+", metavar="INPUT", help="images (TIFF, zarr, PNG, ...; paths or URLs)")
+    detect.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="images (TIFF, zarr, PNG, ...), folders (searched recursively; a zarr "
+                             "store is one image) or quoted patterns ('data/*.tif'); paths or URLs")
     detect.add_argument("--output", required=True, metavar="OUT",
-                        help="output folder/URL prefix (<OUT>/<stem>.zarr per input), or a .zarr "
-                             "store for a single input")
+                        help="output folder/URL prefix (<OUT>/<relative path of the image>.zarr per "
+                             "image), or a .zarr store for a single image")
     detect.add_argument("--png-tiles", action="store_true", help="also write overlay PNG tiles")
     detect.add_argument("--geotiff", nargs="+", choices=["mask", "score"], default=None,
                         help="also write <store>/<name>.tif with the input's georeference")
@@ -194,16 +216,9 @@ def _stem(path: str) -> str:
 
 
 def output_for(inputs: Sequence[str], output: str) -> list[str]:
-    """Store URL of each input: ``output`` itself for one input ending in ``.zarr``,
-    otherwise ``<output>/<stem>.zarr``."""
-    if len(inputs) == 1 and output.rstrip("/").endswith(".zarr"):
-        return [output.rstrip("/")]
-    stems = [_stem(i) for i in inputs]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
-    if dup:
-        raise CliError(f"several inputs share the name(s) {dup}; run them into separate outputs")
-    base = output.rstrip("/")
-    return [f"{base}/{s}.zarr" for s in stems]
+    """Store URL of each image file: ``output`` itself for one input ending in ``.zarr``,
+    otherwise ``<output>/<stem>.zarr`` (see :func:`~anomaly_dask.cli_support.stores_for`)."""
+    return stores_for([(i, _stem(i)) for i in inputs], output)
 
 
 def check_model_target(url: str, options: dict[str, Any] | None) -> None:
@@ -234,6 +249,12 @@ def _setup_logging(args: argparse.Namespace) -> int:
     return verbose
 
 
+def _tqdm(total: int, label: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="chunk", file=sys.stderr, dynamic_ncols=True)
+
+
 class _Bar:
     """tqdm progress bar of chunks (done / total, ETA) for one input."""
 
@@ -244,9 +265,7 @@ class _Bar:
         if not self.enabled:
             return
         if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=self.label, unit="chunk", file=sys.stderr, dynamic_ncols=True)
+            self.bar = _tqdm(total, self.label)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -254,7 +273,31 @@ class _Bar:
             self.bar.close()
 
 
+class _StepBars:
+    """``progress(step, done, total)`` of training as one tqdm bar per step, each closed
+    when the next step starts."""
+
+    LABELS = {"sample": "sampling features", "fit": "fitting dictionary", "calibrate": "calibrating"}
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.step, self.bar = enabled, None, None
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if step != self.step:
+            self.close()
+            self.step, self.bar = step, _tqdm(total, self.LABELS.get(step, step))
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _say(args: argparse.Namespace, text: str) -> None:
+    """A message for people: on stdout, or on stderr with ``--json`` (stdout is redirected)."""
     if not args.quiet:
         print(text, flush=True)
 
@@ -267,12 +310,39 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def scheduler_address(scheduler: str | None, scheduler_file: str | None) -> str | None:
+    """``--scheduler``, else (without ``--scheduler-file``) ``$DASK_SCHEDULER_ADDRESS`` or
+    dask's ``scheduler-address`` setting; None starts a local cluster."""
+    if scheduler or scheduler_file:
+        return scheduler
+    env = os.environ.get("DASK_SCHEDULER_ADDRESS", "").strip()
+    if env:
+        return env
+    import dask
+
+    return dask.config.get("scheduler-address", None) or None
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "keygen":
+        return _keygen(args)
+    if not args.json:
+        return _command(args, print)
+    stdout = sys.stdout
+
+    def emit(text: str) -> None:
+        print(text, file=stdout, flush=True)
+
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON object only
+        return _command(args, emit)
+
+
+def _command(args: argparse.Namespace, emit: Any) -> int:
+    """Run ``train``, ``detect`` or ``evaluate``; ``emit`` prints the JSON summary (with
+    ``--json``; ``evaluate`` always prints its metrics)."""
     from .compute import connect
     from .detector import AnomalyDetector
 
-    if args.command == "keygen":
-        return _keygen(args)
     verbose = _setup_logging(args)
     signing_key = None
     if getattr(args, "signing_key", None):
@@ -289,7 +359,7 @@ def _run(args: argparse.Namespace) -> int:
         except ImportError:
             raise CliError("--performance-report needs bokeh: pip install 'bokeh>=3.1'") from None
     # Everything that can be refused is refused before a cluster starts: the parameters, the
-    # model file (loaded and checked here; the client is attached below), the outputs.
+    # model file (loaded and checked here; the client is attached below), the inputs, the outputs.
     if args.command == "train":
         AnomalyDetector(**detector_kw, verbose=verbose, storage_options=options)._settings()
         check_model_target(args.model, options)
@@ -300,12 +370,16 @@ def _run(args: argparse.Namespace) -> int:
             verbose=verbose,
         )
     if args.command == "detect":
-        stores = output_for(args.inputs, args.output)
-        if stores[0] != args.output.rstrip("/"):
-            make_local_folder(args.output, options)
+        found = find_inputs(args.inputs, options)
+        stores = stores_for(found, args.output)
+        for parent in dict.fromkeys(store.rsplit("/", 1)[0] if "/" in store else "." for store in stores):
+            make_local_folder(parent, options)  # <OUT> and the sub-folders of nested names
+    address = scheduler_address(args.scheduler, args.scheduler_file)
+    if address and not args.scheduler:
+        _say(args, f"scheduler {address} (from DASK_SCHEDULER_ADDRESS / dask config)")
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(connect(
-            args.scheduler, args.scheduler_file, workers=args.workers,
+            address, args.scheduler_file, workers=args.workers,
             threads_per_worker=args.threads_per_worker, torch_threads=args.torch_threads,
             timeout=args.connect_timeout, check=not args.no_env_check,
         ))
@@ -319,23 +393,38 @@ def _run(args: argparse.Namespace) -> int:
         common = {"client": client, "verbose": verbose}
         t0 = time.perf_counter()
         if args.command == "train":
-            ad = AnomalyDetector(**detector_kw, **common, storage_options=options).train(args.train, args.val)
+            bars = _StepBars(enabled=not args.quiet)
+            try:
+                ad = AnomalyDetector(**detector_kw, **common, storage_options=options).train(
+                    args.train, args.val, progress=bars,
+                )
+            finally:
+                bars.close()
             fp = ad.save(args.model, storage_options=options, signing_key=signing_key)
+            seconds = time.perf_counter() - t0
             _say(args, f"model {args.model} (fingerprint {fp[:12]}): threshold {ad.threshold_:.4f}, "
-                       f"{ad.n_components_} PCA components, {time.perf_counter() - t0:.1f} s")
+                       f"{ad.n_components_} PCA components, {seconds:.1f} s")
+            if args.json:
+                emit(_dumps({
+                    "model": args.model, "fingerprint": fp, "threshold": ad.threshold_,
+                    "false_alarm_rate": ad.false_alarm_rate_, "n_components": ad.n_components_,
+                    "centroids": len(ad.dictionary_.centroids), "input_dtype": ad.input_dtype_,
+                    "seconds": seconds,
+                }))
             return 0
         ad.client = client
         if args.command == "evaluate":
             result = ad.evaluate(args.test, args.ground_truth, args.output, overlays=not args.no_overlays)
             overall = {k: v for k, v in result.items() if k not in ("images", "report")}
-            print(json.dumps(overall, default=str))
+            emit(_dumps(overall))
             _say(args, f"AUROC {result['auroc']:.4f}, AUPRO {result['aupro']:.4f}, F1 {result['f1'] or 0:.3f}, "
                        f"normal pixels marked {result['normal_marked']:.4%} (model promises "
                        f"{ad.false_alarm_rate_:.4%}); report in {args.output}")
             return 0
         pixels = anomalous = valid = 0
-        for image, store in zip(args.inputs, stores):
-            bar = _Bar(_stem(image), enabled=not args.quiet)
+        images = []
+        for (image, stem), store in zip(found, stores):
+            bar = _Bar(stem, enabled=not args.quiet)
             try:
                 summary = ad.detect(
                     image, store, png_tiles=args.png_tiles, quicklook=not args.no_quicklook,
@@ -344,6 +433,7 @@ def _run(args: argparse.Namespace) -> int:
                 )
             finally:
                 bar.close()
+            images.append({"input": image, "store": store, **summary})
             pixels += summary["height"] * summary["width"]
             valid += summary["valid_pixels"]
             anomalous += summary["anomalous_pixels"]
@@ -354,7 +444,16 @@ def _run(args: argparse.Namespace) -> int:
         _say(args, f"done: {len(stores)} image(s), {pixels / 1e6:.2f} Mpx, "
                    f"{anomalous / max(valid, 1):.3%} anomalous, {seconds:.1f} s, "
                    f"{pixels / 1e6 / seconds:.2f} Mpx/s")
+        if args.json:
+            emit(_dumps({
+                "images": images, "pixels": pixels, "valid_pixels": valid, "anomalous_pixels": anomalous,
+                "anomalous_fraction": anomalous / max(valid, 1), "seconds": seconds,
+            }))
     return 0
+
+
+def _dumps(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, default=json_default)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -372,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as exc:
         if getattr(args, "verbose", 0) >= 2:
             traceback.print_exc()
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = cli_terms(" ".join(str(exc).split())) or type(exc).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

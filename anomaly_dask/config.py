@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, ParamSpec
 
-from .backbones import BACKBONES
 from .calibration import GROUPINGS
 from .errors import ParameterError
 
 __all__ = [
-    "BY_NAME", "DEFAULTS", "KINDS", "MAX_CENTROIDS", "MAX_MEMORY", "PARAMS", "RUNTIME", "Param",
+    "BACKBONE_NAMES", "BY_NAME", "DEFAULTS", "KINDS", "MAX_CENTROIDS", "MAX_MEMORY", "PARAMS", "RUNTIME", "Param",
     "markdown_table", "options_for", "plain", "reject_unknown", "saved_params", "unknown_message",
     "validate",
 ]
@@ -41,6 +40,11 @@ MAX_MEMORY = 200_000
 #: Subcommands of ``anomaly-dask`` that take detector options.
 TRAIN = ("train",)
 EVERY_COMMAND = ("train", "detect", "evaluate")
+
+#: Names of the backbones in :data:`anomaly_dask.backbones.BACKBONES`, repeated here so that
+#: reading the parameter table (the command line's help) does not import torch;
+#: ``tests/test_cli.py`` checks that the two agree.
+BACKBONE_NAMES = ("efficientnet_lite0", "resnet18")
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -215,8 +219,8 @@ PARAMS: tuple[Param, ...] = (
           "`'dense'` (one pass per chunk) or `'patch'` (one pass per tile, as the paper)",
           choices=("dense", "patch")),
     Param("backbone", "efficientnet_lite0", "str", "choice",
-          "CNN backbone: " + " or ".join(f"`{name!r}`" for name in sorted(BACKBONES)),
-          choices=tuple(sorted(BACKBONES))),
+          "CNN backbone: " + " or ".join(f"`{name!r}`" for name in sorted(BACKBONE_NAMES)),
+          choices=tuple(sorted(BACKBONE_NAMES))),
     Param("weights", "imagenet", "str | None", "weights",
           "`'imagenet'`, `None` (random, seeded) or a path/URL to a state dict",
           nullable=True, metavar="imagenet|none|PATH"),

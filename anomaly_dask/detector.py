@@ -219,7 +219,7 @@ class AnomalyDetector:
     # ------------------------------------------------------------------ training
 
 
-    def train(self, train: Any, val: Any = None) -> AnomalyDetector:
+    def train(self, train: Any, val: Any = None, progress: Any = None) -> AnomalyDetector:
         """Learn normal appearance from anomaly-free images.
 
         Parameters
@@ -229,13 +229,18 @@ class AnomalyDetector:
         val : str, optional
             Validation images for the threshold. Without it, training images are split at
             random (``val_fraction``); a single training image is split by regions.
+        progress : callable, optional
+            ``progress(step, done, total)`` during each pass over the cluster: ``"sample"``
+            (tile features sampled from the training chunks), ``"fit"`` (dictionary refined
+            chunk by chunk), ``"calibrate"`` (validation chunks scored); ``done`` goes from
+            0 to ``total`` chunks within each step.
 
         Returns
         -------
         AnomalyDetector
             ``self``, trained.
         """
-        return training.train_detector(self, train, val)
+        return training.train_detector(self, train, val, progress)
 
     # ------------------------------------------------------------------ scoring
     def score_array(self, image: Any, client: Any = None) -> Any:

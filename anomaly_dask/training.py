@@ -131,8 +131,11 @@ def fit_input_intensity(det: AnomalyDetector, sources: list[ImageSource], rng: n
     return fit_intensity(sources, samples, nodata)
 
 
-def train_detector(det: AnomalyDetector, train: Any, val: Any = None) -> AnomalyDetector:
-    """Body of :meth:`AnomalyDetector.train <anomaly_dask.detector.AnomalyDetector.train>`."""
+def train_detector(
+    det: AnomalyDetector, train: Any, val: Any = None, progress: compute.Progress | None = None
+) -> AnomalyDetector:
+    """Body of :meth:`AnomalyDetector.train <anomaly_dask.detector.AnomalyDetector.train>`;
+    ``progress`` is passed to :func:`anomaly_dask.compute.fit_model`."""
     s = det._settings()
     t0 = time.perf_counter()
     seed = s["random_state"]
@@ -164,7 +167,7 @@ def train_detector(det: AnomalyDetector, train: Any, val: Any = None) -> Anomaly
         calibration_step=step, n_neighbors=s["kmeans_neighbors"],
         pca_variance=s["pca_variance"], n_clusters=s["kmeans_clusters"],
         n_init=s["kmeans_trials"], max_fit_tiles=s["max_fit_tiles"], random_state=seed,
-        memory_size=s["memory_size"],
+        memory_size=s["memory_size"], progress=progress,
     )
     dictionary = calibrate(det, extractor, dictionary, sample, val_units[0].grid, step, s)
     det.dictionary_ = dictionary

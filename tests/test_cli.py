@@ -8,11 +8,12 @@ import sys
 import time
 
 import pytest
+import tifffile
 
 from anomaly_dask import cli
 from anomaly_dask.config import DEFAULTS
 
-from .conftest import REPO
+from .conftest import REPO, texture
 
 
 def _run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -96,6 +97,7 @@ def test_bad_storage_option_is_one_line(capsys):
 
 def test_unreachable_scheduler_fails_fast_with_one_line(fast_model, tmp_path):
     fast_model.save(str(tmp_path / "m.safetensors"))  # the model is checked before connecting
+    tifffile.imwrite(tmp_path / "in.tif", texture(96, 112, 0))  # and so are the inputs
     port = _closed_port()
     t0 = time.perf_counter()
     proc = subprocess.run(

@@ -117,3 +117,11 @@ def test_io_dependencies_point_one_way() -> None:
     georef_tree = ast.parse((root / "georef.py").read_text())
     imported = [n.module or "" for n in ast.walk(georef_tree) if isinstance(n, ast.ImportFrom) and n.level]
     assert not [m for m in imported if m.startswith("io")]
+
+
+def test_a_folder_with_zarr_metadata_is_one_image(tmp_path: Path) -> None:
+    """A zarr store without the .zarr suffix is an image, given alone or found in a folder."""
+    zarr.create_array(tmp_path / "scan", shape=(4, 4), dtype="u1")
+    tifffile.imwrite(tmp_path / "x.tif", np.zeros((4, 4), np.uint8))
+    assert list_images(str(tmp_path / "scan")) == [str(tmp_path / "scan")]
+    assert list_images(str(tmp_path)) == [str(tmp_path / "scan"), str(tmp_path / "x.tif")]

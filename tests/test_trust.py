@@ -187,10 +187,10 @@ def test_cli_train_to_unwritable_model_fails_before_training(small_folder, tmp_p
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--device", "bogus"], "device"),
+    (["--device", "bogus"], "--device bogus"),
     (["--cdf", "nan"], "cdf"),
-    (["--pca-variance", "nan"], "pca_variance"),
-    (["--val-fraction", "nan"], "val_fraction"),
+    (["--pca-variance", "nan"], "--pca-variance nan"),  # the CLI names its options, not keywords
+    (["--val-fraction", "nan"], "--val-fraction nan"),
     (["--threshold-mode", "zscore", "--zscore", "nan"], "zscore"),
 ])
 def test_cli_bad_parameters_one_line(small_folder, tmp_path, capsys, extra, needle):

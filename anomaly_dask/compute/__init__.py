@@ -17,6 +17,7 @@ from .cluster import (
     set_torch_threads,
 )
 from .tasks import (
+    Progress,
     Session,
     detect_chunks,
     fit_model,
@@ -30,6 +31,7 @@ from .tasks import (
 
 __all__ = [
     "CHECKED_PACKAGES",
+    "Progress",
     "Session",
     "TorchThreads",
     "check_environment",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import dask
@@ -37,6 +37,20 @@ __all__ = [
 ]
 
 log = logging.getLogger("anomaly_dask")
+
+#: ``progress(step, done, total)``: called with ``done = 0`` when a pass starts and after
+#: each of its ``total`` chunks (see :func:`fit_model` for the steps).
+Progress = Callable[[str, int, int], None]
+
+
+def _counted(items: Iterable[Any], progress: Progress | None, step: str, total: int) -> Iterator[Any]:
+    """``items``, reporting ``step`` to ``progress`` at the start and after each item."""
+    if progress is not None:
+        progress(step, 0, total)
+    for k, item in enumerate(items, 1):
+        yield item
+        if progress is not None:
+            progress(step, k, total)
 
 
 def scatter(client: Any, *parts: Any) -> tuple[Any, ...]:
@@ -89,6 +103,7 @@ def fit_model(
     *,
     calibration_step: int,
     n_neighbors: int,
+    progress: Progress | None = None,
     **fit: Any,
 ) -> tuple[Dictionary, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Fit the dictionary on ``train_units`` and sample raw pixel scores of ``val_units``
@@ -107,6 +122,11 @@ def fit_model(
         Pixels are sampled on the lattice of every ``calibration_step``-th row and column.
     n_neighbors : int
         Centroids averaged per tile score.
+    progress : callable, optional
+        ``progress(step, done, total)`` for each pass, in order: ``"sample"`` (tile features
+        sampled from training chunks), ``"fit"`` (k-means refined chunk by chunk) and
+        ``"calibrate"`` (raw pixel scores of validation chunks); ``done`` runs from 0 to
+        ``total`` chunks.
     **fit
         Keyword arguments of :func:`train_dictionary`.
 
@@ -119,9 +139,9 @@ def fit_model(
     """
     with local_client(client) as c:
         (ex,) = scatter(c, extractor)
-        dictionary = train_dictionary(c, ex, train_units, **fit)
+        dictionary = train_dictionary(c, ex, train_units, progress=progress, **fit)
         (d,) = scatter(c, dictionary)
-        sample = sample_pixel_scores(c, ex, d, val_units, n_neighbors, calibration_step)
+        sample = sample_pixel_scores(c, ex, d, val_units, n_neighbors, calibration_step, progress)
     return dictionary, sample
 
 
@@ -240,6 +260,7 @@ def train_dictionary(
     random_state: int,
     memory_size: int = 0,
     batch_size: int = 4096,
+    progress: Progress | None = None,
 ) -> Dictionary:
     """Fit PCA, scaler and MiniBatchKMeans on the tiles of ``units``, streaming chunk results.
 
@@ -265,6 +286,8 @@ def train_dictionary(
         Seed of sampling, PCA and k-means.
     batch_size : int
         Rows per ``partial_fit`` call.
+    progress : callable, optional
+        Told of the ``"sample"`` and ``"fit"`` passes (see :func:`fit_model`).
     """
     rng = np.random.default_rng(random_state)
     order = [units[i] for i in rng.permutation(len(units))]
@@ -277,7 +300,8 @@ def train_dictionary(
     per_unit = max_fit_tiles if complete else max(1, max_fit_tiles // len(sample_units))
     seeds = rng.integers(0, 2**31, size=(len(order), 2))
     jobs = [(extractor, u, per_unit, int(seeds[i, 0])) for i, u in enumerate(sample_units)]
-    sample_parts = list(_stream(client, _sample_task, jobs, _in_flight(client), ordered=True))
+    stream = _stream(client, _sample_task, jobs, _in_flight(client), ordered=True)
+    sample_parts = list(_counted(stream, progress, "sample", len(jobs)))
     sample = np.concatenate(sample_parts)
     log.info("fitting PCA on %d tile features of dimension %d", *sample.shape)
     dictionary = fit_projection(sample, pca_variance, random_state)
@@ -295,7 +319,8 @@ def train_dictionary(
         (dict_future,) = scatter(client, dictionary)
         jobs2 = [(extractor, dict_future, u, int(seeds[i, 1])) for i, u in enumerate(order)]
         parts = _stream(client, _project_task, jobs2, _in_flight(client), ordered=True)
-    for z in parts:
+    n_parts = len(sample_parts) if complete else len(order)
+    for z in _counted(parts, progress, "fit", n_parts):
         for k in range(0, len(z), batch_size):
             batch = z[k : k + batch_size]
             if len(batch) >= mbk.n_clusters:
@@ -304,9 +329,12 @@ def train_dictionary(
 
 
 def sample_pixel_scores(
-    client: Any, extractor: Any, dictionary: Any, units: list[Unit], n_neighbors: int, step: int
+    client: Any, extractor: Any, dictionary: Any, units: list[Unit], n_neighbors: int, step: int,
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The units' valid raw pixel scores on a lattice of every ``step``-th row and column.
+
+    ``progress("calibrate", done, len(units))`` is called as chunks finish (see :func:`fit_model`).
 
     Returns
     -------
@@ -318,7 +346,8 @@ def sample_pixel_scores(
         Each pixel's nearest centroid (see :meth:`Extractor.pixel_scores`).
     """
     jobs = [(extractor, dictionary, u, n_neighbors, step) for u in units]
-    both = np.concatenate(list(_stream(client, _pixel_sample_task, jobs, _in_flight(client), ordered=True)))
+    stream = _stream(client, _pixel_sample_task, jobs, _in_flight(client), ordered=True)
+    both = np.concatenate(list(_counted(stream, progress, "calibrate", len(jobs))))
     return both[:, 0], both[:, 1], both[:, 2].astype(np.int64)
 
 

@@ -16,7 +16,7 @@ Modules, with dependencies pointing one way (each imports only those above it):
     :class:`ScaledSource` and :func:`match_bit_depth`: an input rescaled to the units of
     a model trained at another bit depth.
 ``dispatch``
-    :func:`list_images`, :func:`output_names`, :func:`open_source` (picks the reader).
+    :func:`list_images`, :func:`output_names`, :func:`relative_stem`, :func:`open_source` (picks the reader).
 
 The georeference of TIFF inputs is decoded by :mod:`anomaly_dask.georef`; pixel maths on
 values already read (intensity map, no-data fill) lives in :mod:`anomaly_dask.intensity`.
@@ -35,7 +35,16 @@ from .base import (
     valid_pixels,
 )
 from .bit_depth import ScaledSource, match_bit_depth
-from .dispatch import IMAGE_EXTENSIONS, is_raster, list_images, open_raster, open_source, output_names
+from .dispatch import (
+    IMAGE_EXTENSIONS,
+    is_raster,
+    is_zarr_folder,
+    list_images,
+    open_raster,
+    open_source,
+    output_names,
+    relative_stem,
+)
 from .pillow import PILSource
 from .tiff import TIFF_EXTENSIONS, TiffSource
 from .zarr_source import ZARR_EXTENSIONS, ZarrSource
@@ -54,12 +63,14 @@ __all__ = [
     "clear_cache",
     "freeze_options",
     "is_raster",
+    "is_zarr_folder",
     "list_images",
     "match_bit_depth",
     "open_raster",
     "open_source",
     "output_names",
     "read_window",
+    "relative_stem",
     "thaw_options",
     "valid_pixels",
 ]

@@ -24,10 +24,12 @@ from .zarr_source import ZARR_EXTENSIONS, ZARR_MARKERS, ZarrSource
 __all__ = [
     "IMAGE_EXTENSIONS",
     "is_raster",
+    "is_zarr_folder",
     "list_images",
     "open_raster",
     "open_source",
     "output_names",
+    "relative_stem",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -47,8 +49,27 @@ def _unstrip(fs: fsspec.AbstractFileSystem, url: str, path: str) -> str:
     return path
 
 
+def is_zarr_folder(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether the folder ``path`` of ``fs`` is one zarr image: its name ends in ``.zarr``
+    or it holds zarr metadata (``zarr.json``, ``.zarray``, ``.zgroup``)."""
+    path = path.rstrip("/")
+    return path.endswith(ZARR_EXTENSIONS) or any(fs.exists(f"{path}/{m}") for m in ZARR_MARKERS)
+
+
+def _outermost(folders: Sequence[str]) -> list[str]:
+    """``folders`` without those inside another of them, sorted."""
+    out: list[str] = []
+    for f in sorted(set(folders)):
+        if not any(f.startswith(o + "/") for o in out):
+            out.append(f)
+    return out
+
+
 def list_images(path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """List the images at ``path``: the file itself, or a folder searched recursively.
+
+    A zarr store (a folder named ``*.zarr`` or holding zarr metadata) is one image, whether
+    it is ``path`` itself or found inside the folder.
 
     Parameters
     ----------
@@ -76,13 +97,13 @@ def list_images(path: str, storage_options: dict[str, Any] | None = None) -> lis
         )
     if not fs.isdir(fpath):
         return [path]
-    if fpath.rstrip("/").endswith(".zarr"):
+    if is_zarr_folder(fs, fpath):
         return [path]
     found = fs.find(fpath, withdirs=True, detail=True)
-    stores = sorted(
-        f.rstrip("/") for f, info in found.items()
-        if info["type"] == "directory" and f.rstrip("/").endswith(".zarr")
-    )
+    folders = [f.rstrip("/") for f, info in found.items() if info["type"] == "directory"]
+    marked = [f.rsplit("/", 1)[0] for f, info in found.items()
+              if info["type"] != "directory" and f.rsplit("/", 1)[-1] in ZARR_MARKERS]
+    stores = _outermost([f for f in folders if f.endswith(ZARR_EXTENSIONS)] + marked)
     files = sorted(
         f for f, info in found.items()
         if info["type"] != "directory" and not any(f.startswith(z + "/") for z in stores)
@@ -125,16 +146,7 @@ def output_names(root: str, files: Sequence[str], storage_options: dict[str, Any
     OutputError
         Two inputs would share a stem (``x.png`` and ``x.tif`` in one folder).
     """
-    fs, base = _fs(str(root), storage_options)
-    base = base.rstrip("/")
-    stems = []
-    for f in files:
-        _, path = _fs(str(f), storage_options)
-        path = path.rstrip("/")
-        rel = path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1]
-        head, _, name = rel.rpartition("/")
-        stem = name.rsplit(".", 1)[0] if "." in name else name
-        stems.append(f"{head}/{stem}" if head else stem)
+    stems = [relative_stem(root, f, storage_options) for f in files]
     seen: dict[str, str] = {}
     for f, stem in zip(files, stems):
         if stem in seen:
@@ -144,6 +156,33 @@ def output_names(root: str, files: Sequence[str], storage_options: dict[str, Any
             )
         seen[stem] = str(f)
     return stems
+
+
+def relative_stem(root: str, file: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The output stem of ``file`` found under ``root`` (see :func:`output_names`).
+
+    Parameters
+    ----------
+    root : str
+        A folder, or the file itself.
+    file : str
+        An image at or under ``root``.
+    storage_options : dict, optional
+        fsspec options.
+
+    Returns
+    -------
+    str
+        ``file``'s path relative to ``root`` without its extension, ``/``-separated, or
+        its own name without extension when it is not under ``root``.
+    """
+    _, base = _fs(str(root), storage_options)
+    _, path = _fs(str(file), storage_options)
+    base, path = base.rstrip("/"), path.rstrip("/")
+    rel = path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1]
+    head, _, name = rel.rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return f"{head}/{stem}" if head else stem
 
 
 def _is_zarr_path(path: str) -> bool:
