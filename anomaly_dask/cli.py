@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .cli_contacts import add_contacts_parser, add_export_options, contacts_command, export_kwargs
 from .cli_support import CliError, cli_terms, find_inputs, json_default, stores_for
 from .config import PARAMS, Param, options_for
 
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,detect,evaluate,keygen}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,detect,contacts,evaluate,keygen}", required=True)
     train = sub.add_parser("train", help="learn a model from anomaly-free images",
                            description="Learn a model from anomaly-free images and save it.")
     train.add_argument("train", metavar="TRAIN", help="training image or folder (path or URL)")
@@ -143,15 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder/URL prefix (<OUT>/<relative path of the image>.zarr per "
                              "image), or a .zarr store for a single image")
     detect.add_argument("--png-tiles", action="store_true", help="also write overlay PNG tiles")
-    detect.add_argument("--geotiff", nargs="+", choices=["mask", "score"], default=None,
-                        help="also write <store>/<name>.tif with the input's georeference")
+    add_export_options(detect)
     detect.add_argument("--overwrite", action="store_true",
-                        help="replace stores written by another model or parameters")
-    detect.add_argument("--no-quicklook", action="store_true", help="do not write quicklook.png")
+                        help="replace stores written by another model or parameters, and files "
+                             "beside them that they did not write")
+    detect.add_argument("--no-quicklook", action="store_true", help="do not write <name>_quicklook.png")
     _add_trusted_key(detect)
     _add_common_options(detect)
     _add_detector_options(detect, "detect")
 
+    add_contacts_parser(sub)
     evaluate = sub.add_parser(
         "evaluate", help="score test images against ground-truth masks",
         description="Score test images against pixel ground truth (chunk by chunk) and write "
@@ -323,9 +325,24 @@ def scheduler_address(scheduler: str | None, scheduler_file: str | None) -> str 
     return dask.config.get("scheduler-address", None) or None
 
 
+def _contacts(args: argparse.Namespace, emit: Any) -> int:
+    summary = contacts_command(args, parse_storage_options(args.storage_option))
+    _say(args, f"{summary['contacts']} contact(s) at threshold {summary['threshold']:.4g} "
+               f"(false-alarm rate {summary['false_alarm_rate']:.3g}): {', '.join(summary['files'].values())}")
+    if args.json:
+        emit(_dumps(summary))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "keygen":
         return _keygen(args)
+    if args.command == "contacts":
+        if not args.json:
+            return _contacts(args, print)
+        stdout = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return _contacts(args, lambda text: print(text, file=stdout, flush=True))
     if not args.json:
         return _command(args, print)
     stdout = sys.stdout
@@ -353,6 +370,9 @@ def _command(args: argparse.Namespace, emit: Any) -> int:
     detector_kw = {p.name: getattr(args, p.name) for p in PARAMS if p.commands and hasattr(args, p.name)}
     if "overlay_color" in detector_kw:
         detector_kw["overlay_color"] = tuple(detector_kw["overlay_color"])
+    if getattr(args, "threshold", None) is not None:
+        detector_kw.update(threshold_mode="manual", threshold=args.threshold)
+    exports = export_kwargs(args) if args.command == "detect" else {}
     if args.performance_report:
         try:
             import bokeh  # noqa: F401 - distributed.performance_report renders with bokeh
@@ -428,8 +448,7 @@ def _command(args: argparse.Namespace, emit: Any) -> int:
             try:
                 summary = ad.detect(
                     image, store, png_tiles=args.png_tiles, quicklook=not args.no_quicklook,
-                    geotiff=tuple(args.geotiff or ()), overwrite=args.overwrite,
-                    storage_options=options, progress=bar,
+                    overwrite=args.overwrite, storage_options=options, progress=bar, **exports,
                 )
             finally:
                 bar.close()
@@ -438,7 +457,8 @@ def _command(args: argparse.Namespace, emit: Any) -> int:
             valid += summary["valid_pixels"]
             anomalous += summary["anomalous_pixels"]
             _say(args, f"{image} -> {store}: {summary['anomalous_fraction']:.3%} anomalous, "
-                       f"{summary['chunks']} chunks ({summary['computed_chunks']} computed), "
+                       f"{summary['chunks']} chunks ({summary['computed_chunks']} scored, "
+                       f"{summary['redrawn_chunks']} redrawn), {summary.get('contacts', 0)} contacts, "
                        f"{summary['seconds']:.1f} s")
         seconds = time.perf_counter() - t0
         _say(args, f"done: {len(stores)} image(s), {pixels / 1e6:.2f} Mpx, "

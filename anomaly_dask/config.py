@@ -187,8 +187,8 @@ PARAMS: tuple[Param, ...] = (
           low=-40.0, high=40.0, seed=True),
     Param("threshold", None, "float | None", "real",
           "setting of `threshold_mode='manual'`: the threshold in calibrated units (-log10 of the "
-          "share of normal pixels marked), e.g. 3",
-          low=0.0, high=300.0, nullable=True, seed=True),
+          "share of normal pixels marked), e.g. 3; on the CLI `--threshold` alone sets it",
+          low=0.0, high=300.0, nullable=True, seed=True, commands=EVERY_COMMAND),
     Param("auto_threshold", True, "bool", "flag", "False means `threshold_mode='manual'`", seed=True),
     Param("overlay_color", (255, 0, 0), "tuple[int, int, int]", "rgb",
           "overlay colour as R, G, B in [0, 255]", commands=EVERY_COMMAND, metavar=("R", "G", "B"),

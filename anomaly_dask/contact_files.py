@@ -165,6 +165,7 @@ def write_contacts(
     crs: Any = None,
     formats: Sequence[str] = FORMATS,
     storage_options: Mapping[str, Any] | None = None,
+    outlines: bool | None = None,
 ) -> dict[str, str]:
     """Write a contact list as GeoJSON, CSV and/or GeoPackage files.
 
@@ -183,6 +184,9 @@ def write_contacts(
         Among ``"geojson"``, ``"csv"``, ``"gpkg"``.
     storage_options : dict, optional
         fsspec options for a remote ``base_url``.
+    outlines : bool, optional
+        Write the outline layers even when there are no contacts (None: when the contacts
+        carry outlines).
 
     Returns
     -------
@@ -207,7 +211,7 @@ def write_contacts(
         raise ParameterError("the contacts are in pixel coordinates (no transform): pass crs=None")
     fields = _fields(contacts, crs_obj)
     columns = {k: _column(contacts, k) for k in fields}
-    has_outlines = bool(contacts) and all("outline" in c for c in contacts)
+    has_outlines = (bool(contacts) and all("outline" in c for c in contacts)) or bool(outlines)
     crs_text = _crs_text(crs_obj)
 
     base = normalize_url(base_url)

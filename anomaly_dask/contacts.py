@@ -368,14 +368,16 @@ def contacts_from_store(
     Raises
     ------
     OutputIncompleteError
-        The store is not complete (unwritten chunks would read as zeros).
+        Some chunks have no scores yet (they would read as no data).
     ParameterError
         No threshold given and none recorded; see also :func:`find_contacts`.
     """
     attrs = store.attrs
-    if not attrs.get("complete", False):
+    missing = store.missing_chunks()
+    if missing:
         raise OutputIncompleteError(
-            f"{store.url}: the run is not complete; resume it before listing contacts"
+            f"{store.url}: {len(missing)} of {store.n_chunks} chunks have no scores yet; resume the "
+            "run (detect with the same model and input) before listing contacts"
         )
     if threshold is None:
         threshold = attrs.get("threshold")

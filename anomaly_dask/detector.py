@@ -295,7 +295,8 @@ class AnomalyDetector:
         -------
         list of dict
             Per image: ``path``, ``height``, ``width``, ``anomalous_pixels``,
-            ``anomalous_fraction``, ``max_score``, ``mask_path``, ``overlay_path``.
+            ``anomalous_fraction``, ``max_score``, ``mask_path``, ``overlay_path``,
+            ``contacts`` and ``contacts_path`` (``<stem>_contacts.csv``, pixel coordinates).
         """
         return runs.test_images(self, test, output_dir)
 
@@ -359,6 +360,11 @@ class AnomalyDetector:
         png_tiles: bool = False,
         quicklook: bool = True,
         geotiff: str | tuple[str, ...] | None = None,
+        contacts: tuple[str, ...] = ("geojson", "csv", "gpkg"),
+        min_area: int = 1,
+        outlines: bool = False,
+        pyramid: bool = True,
+        zarr_format: int = 3,
         overwrite: bool = False,
         storage_options: dict[str, Any] | None = None,
         progress: Any = None,
@@ -371,54 +377,69 @@ class AnomalyDetector:
             TIFF / BigTIFF / GeoTIFF, zarr array, ordinary image file (any fsspec URL), or
             an array. Read window by window; never loaded whole (except Pillow formats).
         output : str
-            URL of the zarr v3 group to write: arrays ``score`` (float32, NaN on no-data),
-            ``mask`` (uint8 0/255) and ``overlay`` (RGB uint8), chunked like the processing;
-            attributes hold threshold, model fingerprint, parameters and georeference.
-        png_tiles : bool
-            Also write overlay PNG tiles under ``<output>/png/overlay/<row>/<col>.png``.
-        quicklook : bool
-            Also write ``<output>/quicklook.png``, the whole overlay at most 2048 px a side.
-        geotiff : {"mask", "score"} or tuple of them, optional
-            Also write ``<output>/<name>.tif`` with the input's georeference.
+            URL of the zarr group to write (``out/a.zarr``): arrays ``score`` (float32,
+            NaN on no-data), ``mask`` (uint8 0/255) and ``overlay`` (RGB uint8), chunked
+            like the processing, with CF attributes, x / y coordinates and ``spatial_ref``
+            when georeferenced (``xarray.open_zarr`` + rioxarray read them) and an
+            OME-Zarr pyramid of the score (:mod:`anomaly_dask.pyramid`). Exports go beside
+            it, named after it (``out/a_mask.tif``, ...).
+        png_tiles, quicklook : bool
+            Also write overlay PNG tiles ``<base>_tiles/overlay/<row>/<col>.png``; the
+            whole overlay at most 2048 px a side as ``<base>_quicklook.png``.
+        geotiff : {"mask", "score", "overlay"} or tuple of them, optional
+            Also write ``<base>_<name>.tif``: Cloud-Optimized GeoTIFFs with overviews, the
+            input's georeference, band descriptions, threshold and model fingerprint
+            (``mask.tif``: 1 anomalous, 0 normal, 255 no data).
+        contacts : tuple of {"geojson", "csv", "gpkg"}
+            Contact lists (connected anomalous regions, :mod:`anomaly_dask.contacts`) to
+            write as ``<base>_contacts.<format>``; empty for none.
+        min_area, outlines : int, bool
+            Smallest contact kept (pixels); also write each contact's outline polygon.
+        pyramid, zarr_format : bool, {3, 2}
+            Write the score's OME-Zarr pyramid; zarr format (2 for GDAL < 3.11).
         overwrite : bool
             Replace a store at ``output`` written by another run (otherwise refused, naming
-            what differs). A store of the same run is resumed: chunks already completed
-            are skipped. The run is the model, its threshold and parameters, the chunk
-            size, no-data value, ``kmeans_neighbors``, ``overlay_color``,
-            ``overlay_opacity``, and the input's path, size and content (see
-            :func:`anomaly_dask.identity.input_identity`). A store that another live run
-            is writing is never replaced.
+            what differs), and exports beside it that this store did not write. A store
+            of the same run is resumed: chunks already scored are skipped. The run is the
+            model, its parameters, the chunk size, no-data value, ``kmeans_neighbors``, and
+            the input's path, size and content (see
+            :func:`anomaly_dask.identity.input_identity`). With another threshold or
+            overlay look, masks and overlays are redrawn from the stored scores without
+            the CNN. A store that another live run is writing is never replaced.
         storage_options : dict, optional
             fsspec options for input and output (defaults to the detector's).
         progress : callable, optional
-            ``progress(done, total)`` after each chunk computed by this call (``total`` is
-            the number of chunks left to compute); called once with ``(0, total)`` first.
+            ``progress(done, total)`` after each chunk scored or redrawn and each export
+            (pyramid, tiles, quick-look, GeoTIFF, contacts); once with ``(0, total)`` first.
 
         Returns
         -------
         dict
-            Summary: ``output``, ``height``, ``width``, ``chunks``, ``computed_chunks``,
-            ``valid_pixels``, ``anomalous_pixels``, ``anomalous_fraction``, ``max_score``,
-            ``seconds``, ``megapixels_per_second``, ``threshold``, ``run_id`` and the paths of
-            extra outputs.
+            Summary: size, ``chunks``, ``computed_chunks``, ``redrawn_chunks``, pixel counts,
+            ``anomalous_fraction``, ``max_score``, ``seconds``, ``megapixels_per_second``,
+            ``threshold``, ``run_id``, ``contacts`` (their number) and the exports' URLs.
 
         Raises
         ------
         OutputExistsError
-            If ``output`` holds the store of another run and ``overwrite`` is false.
+            If ``output`` holds the store of another run, or an export's name is taken by a
+            file this store did not write, and ``overwrite`` is false.
         OutputLockedError
             If another live run writes ``output`` (it holds the lease ``<output>.lock``),
             whatever ``overwrite`` says; or if this run lost its lease to another one.
 
         Notes
         -----
-        While it writes, the run holds the lease ``<output>.lock`` (see
-        :class:`anomaly_dask.store.StoreLease`), removed when it ends, also on errors. A
-        lease left by a killed run is taken over by the next one.
+        While it writes, the run holds the lease ``<output>.lock`` (removed when it ends,
+        also on errors; a killed run's is taken over by the next run).
         """
-        return runs.detect_image(
+        from .detection import detect_image
+
+        return detect_image(
             self, image, output, png_tiles=png_tiles, quicklook=quicklook, geotiff=geotiff,
-            overwrite=overwrite, storage_options=storage_options, progress=progress,
+            contacts=contacts, min_area=min_area, outlines=outlines, pyramid=pyramid,
+            zarr_format=zarr_format, overwrite=overwrite, storage_options=storage_options,
+            progress=progress,
         )
 
     # ------------------------------------------------------------------ persistence

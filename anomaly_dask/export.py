@@ -24,7 +24,7 @@ import zarr
 
 from .errors import OutputLocationError, ParameterError
 from .georef import to_rasterio
-from .locations import is_local, is_object_store, join, normalize_url
+from .locations import beside, is_local, is_object_store, join, normalize_url
 from .outputs import write_png
 from .store import ARRAY_NAMES, OutputStore
 
@@ -53,10 +53,16 @@ _COMPRESSION = {
 
 #: Band descriptions written into GeoTIFFs, per array.
 BAND_DESCRIPTIONS = {
-    "mask": ("anomaly mask (255 anomalous, 0 normal or no data)",),
-    "score": ("anomaly score (NaN where no data)",),
+    "mask": ("anomaly mask (1 anomalous, 0 normal, 255 no data)",),
+    "score": ("anomaly score, calibrated: -log10 of the share of normal pixels as high (NaN no data)",),
     "overlay": ("red", "green", "blue"),
 }
+
+#: Values of ``mask.tif``: the store's 0 / 255 mask becomes 0 / 1, no data 255.
+MASK_NORMAL, MASK_ANOMALOUS, MASK_NODATA = 0, 1, 255
+
+#: How the overviews of a Cloud-Optimized GeoTIFF are computed, per array.
+_OVERVIEW_RESAMPLING = {"mask": "NEAREST", "score": "AVERAGE", "overlay": "AVERAGE"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +97,7 @@ def write_png_tiles(
         Tile side in pixels; default the store's chunk (then each tile reads one chunk).
     prefix : str, optional
         Root of the tiles (same filesystem and options as the store); default
-        ``<store.url>/png/<name>``.
+        ``<store>_tiles/<name>`` beside the store (``out/a.zarr`` -> ``out/a_tiles/overlay``).
     workers : int
         Tiles encoded and written concurrently.
 
@@ -107,9 +113,7 @@ def write_png_tiles(
     if workers < 1:
         raise ParameterError(f"workers must be >= 1, got {workers}")
     if prefix is None:
-        root = join(store.url, "png", name)
-        # mark png/ as a zarr group so that listing the store's members stays quiet
-        zarr.open_group(store.url, path="png", mode="a", zarr_format=3, **store._zarr_kwargs())
+        root = beside(store.url, f"_tiles/{name}")
     else:
         root = normalize_url(prefix)
     arr = store.read(name)
@@ -213,7 +217,7 @@ def _row_bands(
     per_band = max(1, min(-(-chunk // tile), max_band_bytes // max(row_bytes, 1)))
     band_rows = tile * per_band
     for y0 in range(0, height, band_rows):
-        yield y0, np.asarray(arr[y0 : min(y0 + band_rows, height)])
+        yield y0, min(y0 + band_rows, height)
 
 
 def _gdal_compression(compression: str | None) -> str | None:
@@ -238,7 +242,7 @@ def _check_nodata(nodata: float | None, dtype: np.dtype, name: str) -> None:
 
 def _write_local(
     path: str,
-    arr: zarr.Array,
+    store: OutputStore,
     name: str,
     crs: CRS | None,
     transform: Affine | None,
@@ -247,9 +251,11 @@ def _write_local(
     compression: str | None,
     bigtiff: bool,
     max_band_bytes: int,
-    chunk: int,
+    tags: Mapping[str, str],
 ) -> None:
-    """Write ``arr`` to the local file ``path`` as a tiled GeoTIFF, one band of tile rows at a time.
+    """Write array ``name`` to the local file ``path`` as a tiled GeoTIFF, one band of tile
+    rows at a time (the mask recoded, see :data:`MASK_NODATA`; the overlay with an
+    internal validity mask).
 
     ``crs`` and ``transform`` (rasterio CRS and affine transform, or None) place it.
     """
@@ -257,6 +263,7 @@ def _write_local(
     from rasterio.errors import NotGeoreferencedWarning
     from rasterio.windows import Window
 
+    arr, score = store.read(name), store.read("score")
     height, width = arr.shape[:2]
     bands = arr.shape[2] if arr.ndim == 3 else 1
     profile: dict[str, Any] = {
@@ -270,14 +277,37 @@ def _write_local(
     codec = _gdal_compression(compression)
     if codec is not None:
         profile["compress"] = codec
-    with rasterio.Env(), warnings.catch_warnings():
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # outputs without georeference
         with rasterio.open(path, "w", **profile) as dst:
+            dst.update_tags(**tags)
             for band, text in enumerate(BAND_DESCRIPTIONS[name], start=1):
                 dst.set_band_description(band, text)
-            for y0, rows in _row_bands(arr, tile, max_band_bytes, chunk):
+            for y0, y1 in _row_bands(arr, tile, max_band_bytes, store.chunk):
+                rows, window = np.asarray(arr[y0:y1]), Window(0, y0, width, y1 - y0)
+                if name == "mask":
+                    no_data = np.isnan(np.asarray(score[y0:y1]))
+                    rows = np.where(no_data, MASK_NODATA, np.where(rows > 0, MASK_ANOMALOUS, MASK_NORMAL))
+                    rows = rows.astype(np.uint8)
+                elif name == "overlay":
+                    dst.write_mask(np.where(np.isnan(np.asarray(score[y0:y1])), 0, 255).astype(np.uint8), window=window)
                 pixels = np.moveaxis(rows, -1, 0) if rows.ndim == 3 else rows[None]
-                dst.write(pixels, window=Window(0, y0, width, rows.shape[0]))
+                dst.write(pixels, window=window)
+
+
+def _to_cog(src: str, dst: str, name: str, tile: int, compression: str | None, bigtiff: bool) -> None:
+    """Copy the tiled GeoTIFF ``src`` to a Cloud-Optimized GeoTIFF ``dst`` with overviews."""
+    import rasterio
+    import rasterio.shutil
+    from rasterio.errors import NotGeoreferencedWarning
+
+    options = {
+        "BLOCKSIZE": tile, "OVERVIEWS": "AUTO", "OVERVIEW_RESAMPLING": _OVERVIEW_RESAMPLING[name],
+        "BIGTIFF": "YES" if bigtiff else "NO", "COMPRESS": _gdal_compression(compression) or "NONE",
+    }  # fmt: skip
+    with rasterio.Env(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        rasterio.shutil.copy(src, dst, driver="COG", **options)
 
 
 def write_geotiff(
@@ -290,8 +320,16 @@ def write_geotiff(
     compression: str | None = "zlib",
     tmp_dir: str | None = None,
     max_band_bytes: int = 256 * 2**20,
+    tags: Mapping[str, Any] | None = None,
+    cog: bool = True,
 ) -> None:
-    """Write array ``name`` as a tiled GeoTIFF, a band of tile rows at a time.
+    """Write array ``name`` as a Cloud-Optimized GeoTIFF (or a plain tiled one), streaming.
+
+    The pixels are written a band of tile rows at a time into a tiled GeoTIFF, which
+    GDAL's COG driver then copies with overviews (nearest for the mask, average for the
+    score and the overlay). ``mask.tif`` holds 1 where anomalous, 0 where normal and 255
+    (its no-data value) where the score is NaN; the overlay carries an internal validity
+    mask.
 
     The file is written under a temporary name and moved into place when complete, so no
     partial file ever carries the final name. For a remote ``url_tif`` it is written to a
@@ -313,15 +351,20 @@ def write_geotiff(
         ``georef``, or :func:`anomaly_dask.georef.from_attrs` of the store's attributes).
         None: a plain tiled TIFF.
     nodata : float, optional
-        The no-data value recorded in the file (``GDAL_NODATA``).
+        The no-data value recorded in the file (``GDAL_NODATA``); default 255 for the mask
+        (:data:`MASK_NODATA`), NaN for the score, none for the overlay.
     tile : int
-        TIFF tile side, a positive multiple of 16.
+        TIFF tile side, a positive multiple of 16 (at least 128 for a COG).
     compression : str or None
         ``"zlib"`` (deflate), ``"zstd"``, ``"lzw"``, ``"lzma"``, ``"packbits"``, ... or None.
     tmp_dir : str, optional
         Local folder for the temporary file of a remote upload (default: the system's).
     max_band_bytes : int
         Most bytes of pixels read at once (at least one row of tiles across the image).
+    tags : dict, optional
+        Dataset metadata (threshold, model fingerprint, ...), written as GDAL metadata items.
+    cog : bool
+        Write a Cloud-Optimized GeoTIFF with overviews (False: a plain tiled GeoTIFF).
 
     Raises
     ------
@@ -335,10 +378,15 @@ def write_geotiff(
         raise ParameterError(f"name must be one of {ARRAY_NAMES}, got {name!r}")
     if tile < 16 or tile % 16:
         raise ParameterError(f"tile must be a positive multiple of 16, got {tile}")
+    if cog and tile < 128:
+        raise ParameterError(f"tile={tile}: a Cloud-Optimized GeoTIFF needs tiles of at least 128 px (or cog=False)")
     _gdal_compression(compression)
     crs, transform = to_rasterio(georef)  # a bad georeference fails before any file is made
     arr = store.read(name)
+    if nodata is None and name != "overlay":
+        nodata = float(MASK_NODATA) if name == "mask" else float("nan")
     _check_nodata(nodata, arr.dtype, name)
+    text_tags = {str(k): str(v) for k, v in (tags or {}).items()}
     bigtiff = store.height * store.width * arr.dtype.itemsize * int(np.prod(arr.shape[2:])) > _BIGTIFF_BYTES
 
     url_tif = normalize_url(url_tif)
@@ -349,9 +397,11 @@ def write_geotiff(
     work_dir = tempfile.mkdtemp(prefix="anomaly_dask_tif_", dir=os.path.dirname(path) if local else tmp_dir)
     try:
         tmp = os.path.join(work_dir, Path(path).name + ".partial")
-        _write_local(
-            tmp, arr, name, crs, transform, nodata, tile, compression, bigtiff, max_band_bytes, store.chunk
-        )
+        _write_local(tmp, store, name, crs, transform, nodata, tile, compression, bigtiff, max_band_bytes, text_tags)
+        if cog:
+            tiled, tmp = tmp, os.path.join(work_dir, Path(path).name + ".cog.partial")
+            _to_cog(tiled, tmp, name, tile, compression, bigtiff)
+            os.remove(tiled)
         if local:
             os.replace(tmp, path)
         elif is_object_store(fs):

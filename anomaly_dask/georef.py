@@ -28,8 +28,10 @@ or user-defined, projected or geographic -- is read exactly as GDAL tools read i
 Writing
 -------
 GeoTIFF outputs are written by ``rasterio`` (:func:`to_rasterio` gives the CRS and affine
-transform to create them with); zarr outputs carry the dict itself as an attribute
-(:func:`to_attrs`, :func:`from_attrs`).
+transform to create them with). Zarr outputs carry the dict itself as an attribute
+(:func:`to_attrs`, :func:`from_attrs`) and, for other tools, the standard forms: a CF
+``grid_mapping`` variable with the WKT and GDAL's ``GeoTransform``
+(:func:`grid_mapping_attrs`) and x / y coordinates of pixel centres (:func:`pixel_centres`).
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTRS_KEY",
+    "GRID_MAPPING",
     "Georef",
     "as_georef",
     "from_attrs",
     "georef_from_page",
     "georef_from_tiff",
+    "grid_mapping_attrs",
     "make_georef",
+    "pixel_centres",
     "scale_georef",
     "to_attrs",
     "to_rasterio",
@@ -387,3 +392,86 @@ def from_attrs(attrs: Mapping[str, Any]) -> Georef | None:
         None when they record none.
     """
     return as_georef(attrs.get(ATTRS_KEY))
+
+
+# --------------------------------------------------------------------------------------
+# CF / GDAL attributes for zarr stores (xarray, rioxarray, GDAL's Zarr driver)
+# --------------------------------------------------------------------------------------
+
+#: Name of the scalar variable that holds a store's CRS (the CF ``grid_mapping``).
+GRID_MAPPING = "spatial_ref"
+
+
+def _pyproj_crs(geo: Georef) -> Any:
+    import pyproj
+
+    if geo["crs_epsg"] is not None:
+        return pyproj.CRS.from_epsg(geo["crs_epsg"])
+    if geo["crs_wkt"] is not None:
+        return pyproj.CRS.from_wkt(geo["crs_wkt"])
+    return None
+
+
+def grid_mapping_attrs(georef: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Attributes of the CF ``grid_mapping`` variable :data:`GRID_MAPPING` of ``georef``.
+
+    They hold the CF projection parameters (from ``pyproj``), the WKT under both names
+    readers look for (``crs_wkt`` for CF, ``spatial_ref`` for GDAL and rioxarray) and,
+    with a transform, GDAL's ``GeoTransform`` (six numbers separated by spaces).
+
+    Parameters
+    ----------
+    georef : Georef or mapping or None
+
+    Returns
+    -------
+    dict or None
+        None when ``georef`` names no CRS and no transform.
+    """
+    geo = as_georef(georef)
+    if geo is None:
+        return None
+    crs = _pyproj_crs(geo)
+    attrs: dict[str, Any] = {}
+    if crs is not None:
+        attrs.update({k: v for k, v in crs.to_cf().items() if v is not None})
+        attrs["crs_wkt"] = crs.to_wkt()
+        attrs["spatial_ref"] = crs.to_wkt()
+    if geo["transform"] is not None:
+        attrs["GeoTransform"] = " ".join(repr(float(v)) for v in geo["transform"])
+    return attrs
+
+
+def pixel_centres(
+    georef: Mapping[str, Any] | None, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, Any]] | None:
+    """The x and y coordinates of pixel centres, with their CF attributes.
+
+    Parameters
+    ----------
+    georef : Georef or mapping or None
+    height, width : int
+        Raster size in pixels.
+
+    Returns
+    -------
+    (x, y, x_attrs, y_attrs) or None
+        float64 arrays of length ``width`` and ``height``; None without a transform or
+        when the transform is rotated (then no 1-D coordinates exist; readers use the
+        ``GeoTransform`` of :func:`grid_mapping_attrs`).
+    """
+    geo = as_georef(georef)
+    if geo is None or geo["transform"] is None:
+        return None
+    x0, a, b, y0, d, e = geo["transform"]
+    if b != 0 or d != 0:
+        return None
+    x = x0 + a * (np.arange(width, dtype=np.float64) + 0.5)
+    y = y0 + e * (np.arange(height, dtype=np.float64) + 0.5)
+    crs = _pyproj_crs(geo)
+    axes = {} if crs is None else {ax.get("axis"): ax for ax in crs.cs_to_cf()}
+    x_attrs = {k: v for k, v in axes.get("X", {}).items() if k != "axis"}
+    y_attrs = {k: v for k, v in axes.get("Y", {}).items() if k != "axis"}
+    x_attrs.setdefault("long_name", "x coordinate of pixel centre")
+    y_attrs.setdefault("long_name", "y coordinate of pixel centre")
+    return x, y, {**x_attrs, "axis": "X"}, {**y_attrs, "axis": "Y"}

@@ -18,8 +18,8 @@ from fsspec.implementations.local import LocalFileSystem
 from .errors import OutputLocationError, OutputNotWritableError, ParameterError
 
 __all__ = [
-    "OBJECT_STORES", "check_json", "check_location", "check_writable", "is_local", "is_object_store", "is_uri",
-    "join", "normalize_url", "options_key",
+    "OBJECT_STORES", "beside", "check_json", "check_location", "check_writable", "is_local",
+    "is_object_store", "is_uri", "join", "normalize_url", "options_key",
 ]
 
 #: fsspec protocols whose uploads appear atomically under their final name.
@@ -96,3 +96,15 @@ def check_writable(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
     except FileNotFoundError:
         pass
     fs.invalidate_cache()
+
+
+def beside(store_url: str, suffix: str) -> str:
+    """URL of an export of the store at ``store_url``: beside it, named after it.
+
+    ``out/a.zarr`` with suffix ``"_mask.tif"`` gives ``out/a_mask.tif`` (a store name
+    without ``.zarr`` keeps its whole name).
+    """
+    base = store_url.rstrip("/")
+    if base.lower().endswith(".zarr"):
+        base = base[: -len(".zarr")]
+    return base + suffix

@@ -1,8 +1,9 @@
-"""Whole-image runs of a fitted detector: ``evaluate`` against ground truth and ``detect``
-into a resumable store, both chunk by chunk with memory flat.
+"""Runs of a fitted detector over ordinary images: ``test`` (mask and overlay PNGs) and
+``evaluate`` against ground truth (chunk by chunk, memory flat).
 
-:class:`~anomaly_dask.detector.AnomalyDetector` delegates its :meth:`evaluate` and
-:meth:`detect` here; scheduling stays in :mod:`anomaly_dask.compute`.
+:class:`~anomaly_dask.detector.AnomalyDetector` delegates its :meth:`test` and
+:meth:`evaluate` here (``detect`` to :mod:`anomaly_dask.detection`); scheduling stays in
+:mod:`anomaly_dask.compute`.
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ import fsspec
 import numpy as np
 
 from . import compute
-from .config import saved_params
-from .errors import GroundTruthError, ParameterError
+from .contact_files import write_contacts
+from .contacts import find_contacts
+from .errors import GroundTruthError
 from .intensity import to_unit_rgb
 from .io import ImageSource, list_images, open_source, output_names
 from .outputs import check_writable, display_rgb, mask_image, overlay_image, write_png
-from .scoring import Rendering, Unit, plan_units
+from .scoring import plan_units
 
 if TYPE_CHECKING:
     from .detector import AnomalyDetector
 
-__all__ = ["detect_image", "evaluate_images", "pair_ground_truth", "test_images"]
+__all__ = ["evaluate_images", "pair_ground_truth", "test_images"]
 
 log = logging.getLogger("anomaly_dask")
 
@@ -151,133 +153,6 @@ def evaluate_images(
     return result
 
 
-def detect_image(
-    det: AnomalyDetector,
-    image: Any,
-    output: str,
-    *,
-    png_tiles: bool = False,
-    quicklook: bool = True,
-    geotiff: str | tuple[str, ...] | None = None,
-    overwrite: bool = False,
-    storage_options: dict[str, Any] | None = None,
-    progress: Any = None,
-) -> dict[str, Any]:
-    """Body of :meth:`AnomalyDetector.detect <anomaly_dask.detector.AnomalyDetector.detect>`."""
-    from . import export
-    from . import store as out_store
-    from .grid import regular_windows
-    from .identity import input_identity, jsonable, run_id_of
-    from .lease import StoreLease
-
-    det._check_fitted()
-    s = det._settings()
-    if storage_options is not None:
-        s["storage_options"] = storage_options
-    so = s["storage_options"]
-    names = (geotiff,) if isinstance(geotiff, str) else tuple(geotiff or ())
-    bad = [n for n in names if n not in ("mask", "score")]
-    if bad:
-        raise ParameterError(f"geotiff={geotiff!r}: choose 'mask' and/or 'score'")
-    t0 = time.perf_counter()
-    source, grid = det._open(image, s)
-    chunk = s["chunk_size"]
-    georef = getattr(source, "georef", None)
-    # Everything that shapes the stored pixels; a store is resumed only for the same.
-    # Runtime settings are not in saved_params, so those that matter are named here.
-    run_settings = {
-        "chunk_size": chunk, "nodata": s["nodata"], "kmeans_neighbors": s["kmeans_neighbors"],
-        "overlay_color": list(s["overlay_color"]), "overlay_opacity": s["overlay_opacity"],
-    }
-    identity = jsonable({
-        "model": det._content_fingerprint(), "threshold": float(det.threshold_),
-        "params": saved_params(s), **run_settings,
-        "input": source.name, "shape": [source.height, source.width],
-        "input_content": input_identity(source),
-    })
-    run_id = run_id_of(identity)
-    attrs = {
-        "threshold": det.threshold_, "model_fingerprint": identity["model"],
-        "params": saved_params(s), "run_settings": run_settings, "input": source.name,
-        "georef": georef, "nodata": source.nodata if s["nodata"] is None else s["nodata"],
-    }
-    lease = StoreLease(output, run_id, so)
-    with lease:  # one writer per store; released on errors and KeyboardInterrupt too
-        store = out_store.OutputStore.create(
-            output, source.height, source.width, chunk, run_id, jsonable(attrs),
-            storage_options=so, overwrite=overwrite, identity=identity, lease=lease,
-        )
-        done = store.done_chunks()
-        windows = regular_windows(grid, chunk)
-        jobs = [
-            (Unit(source, grid, w), (iy, ix))
-            for iy, row in enumerate(windows) for ix, w in enumerate(row) if (iy, ix) not in done
-        ]
-        total = sum(len(r) for r in windows)
-        log.info("%s: %d x %d px, %d chunks (%d already done) -> %s",
-                 source.name, source.height, source.width, total, total - len(jobs), output)
-        rendering = Rendering(
-            det.threshold_, s["overlay_color"], s["overlay_opacity"], s["kmeans_neighbors"]
-        )
-
-        def report(k: int, n: int) -> None:
-            lease.check()  # stop at once if another run took the store over
-            el = time.perf_counter() - t0
-            if k == n or k % max(1, n // 20) == 0:
-                log.info("chunks %d/%d, %.0f s elapsed, ETA %.0f s", k, n, el, el / k * (n - k))
-            if progress is not None:
-                progress(k, n)
-
-        if progress is not None:
-            progress(0, len(jobs))
-
-        with compute.session(s["client"], det._extractor(s), det.dictionary_) as job:
-            stats = job.detect(jobs, store, rendering, report)
-        # Statistics over every chunk, including those done by an earlier, interrupted run.
-        mask_arr = store.read("mask")
-        score_arr = store.read("score")
-        valid = anomalous = 0
-        max_score = float("-inf")
-        for row in windows:
-            for w in row:
-                sc = score_arr[w.y0 : w.y1, w.x0 : w.x1]
-                fin = np.isfinite(sc)
-                valid += int(fin.sum())
-                anomalous += int((mask_arr[w.y0 : w.y1, w.x0 : w.x1] > 0).sum())
-                if fin.any():
-                    max_score = max(max_score, float(sc[fin].max()))
-        seconds = time.perf_counter() - t0
-        summary = {
-            "output": str(output), "height": source.height, "width": source.width,
-            "chunks": total, "computed_chunks": len(stats), "valid_pixels": valid,
-            "anomalous_pixels": anomalous, "anomalous_fraction": anomalous / max(valid, 1),
-            "max_score": max_score if valid else None, "threshold": det.threshold_,
-            "seconds": seconds,
-            "megapixels_per_second": sum(u.window.shape[0] * u.window.shape[1] for u, _ in jobs) / 1e6 / seconds,
-            "run_id": run_id,
-        }
-        base = str(output).rstrip("/")
-        if png_tiles:
-            summary["png_tiles"] = len(export.write_png_tiles(store, "overlay"))
-        if quicklook:
-            export.write_quicklook(store, f"{base}/quicklook.png")
-            summary["quicklook"] = f"{base}/quicklook.png"
-        for name in names:
-            export.write_geotiff(
-                store, f"{base}/{name}.tif", name, georef=georef,
-                nodata=0 if name == "mask" else float("nan"),
-            )
-            summary[f"geotiff_{name}"] = f"{base}/{name}.tif"
-        lease.check()  # never mark complete a store another run took over
-        store.finalize(summary)
-        log.info(
-            "%s: %d anomalous pixels (%.3f%% of valid), %.1f s, %.2f Mpx/s",
-            source.name, anomalous, 100 * summary["anomalous_fraction"], seconds,
-            summary["megapixels_per_second"],
-        )
-        return summary
-
-
 def _gt_block(gt_source: ImageSource, w: Any, check: Any) -> np.ndarray:
     """The ground-truth window ``w`` as bool (a colour mask counts where any band is set)."""
     block = np.asarray(gt_source.read(w.y0, w.y1, w.x0, w.x1))
@@ -328,12 +203,16 @@ def test_images(det: AnomalyDetector, test: Any, output_dir: str) -> list[dict[s
             overlay_path = f"{output_dir}{sep}{stem}_overlay.png"
             write_png(mask_path, mask, s["storage_options"])
             write_png(overlay_path, overlay, s["storage_options"])
+            found = find_contacts([(0, 0, scores)], source.height, source.width, det.threshold_, image=str(f))
+            contacts_path = write_contacts(
+                found, f"{output_dir}{sep}{stem}", formats=("csv",), storage_options=s["storage_options"]
+            )["csv"]
             n_bad = int((mask > 0).sum())
             results.append({
                 "path": str(f), "height": source.height, "width": source.width,
                 "anomalous_pixels": n_bad, "anomalous_fraction": n_bad / mask.size,
-                "max_score": float(scores.max()), "mask_path": mask_path,
-                "overlay_path": overlay_path,
+                "max_score": float(np.nanmax(scores)), "mask_path": mask_path,
+                "overlay_path": overlay_path, "contacts": len(found), "contacts_path": contacts_path,
             })
             log.info(
                 "%s: %d anomalous pixels (%.2f%%), max score %.3f, %.1f s",

@@ -40,6 +40,7 @@ __all__ = [
     "Unit",
     "pixel_sample",
     "plan_units",
+    "redraw_chunk",
     "render_chunk",
     "subsample",
 ]
@@ -238,6 +239,8 @@ class Rendering:
     color: tuple[int, int, int]
     opacity: float
     n_neighbors: int
+    #: Id of this rendering in the store's completion markers.
+    id: str = ""
 
 
 def subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -259,6 +262,14 @@ def pixel_sample(
     distance = np.full(scores.shape, np.inf, dtype=np.float32) if distance is None else distance[at]
     keep = np.isfinite(scores)
     return np.stack([scores[keep], distance[keep], labels[keep].astype(np.float32)], axis=1)
+
+
+def redraw_chunk(
+    unit: Unit, scores: np.ndarray, intensity: Intensity, rendering: Rendering
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """:func:`render_chunk` of stored scores: the raw pixels are read, the CNN does not run."""
+    w = unit.window
+    return render_chunk(scores, read_window(unit.source, w.y0, w.y1, w.x0, w.x1), intensity, rendering)
 
 
 def render_chunk(

@@ -1,52 +1,30 @@
-"""Chunked, resumable output store of a detection run, plus streaming exporters.
+"""Chunked, resumable output store of a detection run.
 
-A detection run over a huge image (tens of thousands of pixels a side) writes its results
-chunk by chunk from Dask workers into one zarr v3 group, through fsspec (local paths,
-``s3://``, ``memory://``, ...):
+A detection run over a huge image writes its results chunk by chunk from Dask workers
+into one zarr group (v3, or v2 for older readers), through fsspec (local paths, ``s3://``,
+``memory://``, ...). What the arrays hold and the attributes other tools read are in
+:mod:`anomaly_dask.store_layout`; the score pyramid in :mod:`anomaly_dask.pyramid`.
 
-``score``
-    float32 (H, W), the per-pixel anomaly score.
-``mask``
-    uint8 (H, W), 0/255 binary mask.
-``overlay``
-    uint8 (H, W, 3), the image with the mask blended over it.
+A worker writes exactly one zarr chunk of each array, so no locks are needed. Progress is
+kept *beside* the zarr hierarchy, so that tools reading the store see only images:
 
-All three arrays are chunked ``(chunk, chunk[, 3])``; chunk boundaries lie at multiples of
-``chunk`` (the last row and column of chunks may be smaller). A worker writes exactly one
-zarr chunk of each array, so no locks are needed. After the data it writes a small
-*completion marker* ``<url>/_done/<iy>.<ix>`` holding the run id, so that a crashed run can
-be resumed: :meth:`OutputStore.done_chunks` lists the markers (one listing) and the driver
-submits only the missing chunks. A chunk whose pixels are all zero is still marked done (and
-still written: ``write_empty_chunks`` is on), so "done" never depends on the data.
+``<url>.done/<iy>.<ix>``
+    chunk ``(iy, ix)`` has its score (content: the run id, a hash of everything that shapes
+    the scores, :mod:`anomaly_dask.identity`);
+``<url>.done/render-<rid>/<iy>.<ix>``
+    its mask and overlay are drawn with rendering ``rid`` (threshold and overlay look).
 
-Layout of the store at ``url``::
-
-    <url>/zarr.json            group metadata; attributes include run_id, complete, layout
-    <url>/score/...            zarr array
-    <url>/mask/...             zarr array
-    <url>/overlay/...          zarr array
-    <url>/_done/<iy>.<ix>      completion marker of chunk (iy, ix), content = run id
-    <url>/png/<name>/<ty>/<tx>.png   PNG tiles (optional, :func:`anomaly_dask.export.write_png_tiles`)
-    <url>.lock                 lease of the run writing the store (:class:`StoreLease`)
-
-A run is identified by its run id, a hash of everything that shapes the stored pixels
-(:mod:`anomaly_dask.identity`). :meth:`OutputStore.create` resumes a store only for the
-same run id; given the identity itself it also records it (attribute ``identity``) and, on
-a mismatch, names what differs.
-
-One store has one writer at a time: :class:`StoreLease` claims ``<url>.lock`` beside the
-store (created atomically on local disks), refreshes a heartbeat in it while the run lasts
-and removes it at the end. A second run, and ``overwrite=True``, are refused while the
-lease is live; a lease left by a dead process (or with an old heartbeat) is taken over.
-
-Exporters of a finished store (PNG tiles, quick-look, GeoTIFF) are in :mod:`anomaly_dask.export`.
+A crashed run is resumed from one listing of each folder; a run at another threshold
+redraws masks and overlays from the stored scores without the CNN. :meth:`OutputStore.create`
+resumes a store only for the same run id and otherwise names what differs. One store has
+one writer at a time (:class:`~anomaly_dask.lease.StoreLease`, ``<url>.lock``). Exporters
+(PNG tiles, quick-look, GeoTIFF) are in :mod:`anomaly_dask.export`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -61,6 +39,7 @@ from .errors import (
     OutputIncompleteError,
     ParameterError,
 )
+from .georef import GRID_MAPPING, to_attrs
 from .identity import jsonable
 from .lease import StoreLease
 from .lease_records import refuse_live_lease
@@ -70,27 +49,22 @@ from .locations import (
     check_writable,
     is_local,
     is_uri,
-    join,
     normalize_url,
     options_key,
 )
 from .store_checks import FORMAT_KEY, keep_existing, read_group_attrs
+from .store_layout import ARRAY_NAMES, array_specs, create_arrays, write_coordinates
+from .store_progress import clear_progress, drop_other_renderings, listed_markers, marker_path, progress_url
 
 log = logging.getLogger("anomaly_dask")
 
-__all__ = ["ARRAY_NAMES", "OutputStore"]
+__all__ = ["ARRAY_NAMES", "ZARR_FORMATS", "OutputStore", "progress_url"]
 
-#: Names of the arrays of an output store.
-ARRAY_NAMES = ("score", "mask", "overlay")
+#: Zarr formats a store can be written in.
+ZARR_FORMATS = (2, 3)
 
-_DTYPES = {"score": np.dtype(np.float32), "mask": np.dtype(np.uint8), "overlay": np.dtype(np.uint8)}
-_FORMAT_VERSION = 1
-_RESERVED_ATTRS = ("run_id", "complete", "layout", "summary", "identity", FORMAT_KEY)
-_DONE_DIR = "_done"
-_DONE_DESCRIPTION = "completion markers <iy>.<ix> of the chunks written, each holding the run id"
-_MARKER_RE = re.compile(r"^(\d+)\.(\d+)$")
-
-
+_FORMAT_VERSION = 2
+_RESERVED_ATTRS = ("run_id", "complete", "layout", "summary", "identity", "rendering", "exports", FORMAT_KEY)
 # --------------------------------------------------------------------------------------------
 # helpers
 
@@ -120,6 +94,8 @@ class OutputStore:
         fsspec options as sorted ``(key, value)`` pairs (see :attr:`options`).
     run_id : str
         Identifier of the run; written into the completion markers.
+    zarr_format : {3, 2}
+        Zarr format of the store.
     """
 
     url: str
@@ -128,6 +104,7 @@ class OutputStore:
     chunk: int
     storage_options: tuple = field(default=(), repr=False, hash=False)  # may hold dicts; secrets
     run_id: str = ""
+    zarr_format: int = 3
 
     # ---- layout ---------------------------------------------------------------------------
 
@@ -182,13 +159,13 @@ class OutputStore:
     def _open_array(self, name: str, mode: Literal["r", "r+"]) -> zarr.Array:
         if name not in ARRAY_NAMES:
             raise ParameterError(f"name must be one of {ARRAY_NAMES}, got {name!r}")
-        arr = zarr.open_array(self.url, path=name, mode=mode, zarr_format=3, **self._zarr_kwargs())
+        arr = zarr.open_array(self.url, path=name, mode=mode, zarr_format=self.zarr_format, **self._zarr_kwargs())
         if mode != "r":
             arr = arr.with_config({"write_empty_chunks": True})
         return arr
 
     def _open_group(self, mode: Literal["r", "r+"]) -> zarr.Group:
-        return zarr.open_group(self.url, mode=mode, zarr_format=3, **self._zarr_kwargs())
+        return zarr.open_group(self.url, mode=mode, zarr_format=self.zarr_format, **self._zarr_kwargs())
 
     def read(self, name: str) -> zarr.Array:
         """Open array ``name`` (``"score"``, ``"mask"`` or ``"overlay"``) read-only.
@@ -240,7 +217,7 @@ class OutputStore:
         layout = attrs["layout"]
         return cls(
             url, int(layout["height"]), int(layout["width"]), int(layout["chunk"]),
-            options_key(storage_options), str(attrs["run_id"]),
+            options_key(storage_options), str(attrs["run_id"]), int(layout.get("zarr_format", 3)),
         )  # fmt: skip
 
     @classmethod
@@ -257,6 +234,8 @@ class OutputStore:
         *,
         identity: Mapping[str, Any] | None = None,
         lease: StoreLease | None = None,
+        zarr_format: int = 3,
+        georef: Mapping[str, Any] | None = None,
     ) -> OutputStore:
         """Create the output store of a run, or reopen it to resume the same run.
 
@@ -289,6 +268,11 @@ class OutputStore:
         lease : StoreLease, optional
             The caller's own, held lease of ``url``. Any other live lease of ``url`` makes
             this call fail; without one, any live lease does.
+        zarr_format : {3, 2}
+            Zarr format (v2 for readers without v3 support, such as GDAL < 3.11).
+        georef : Georef, optional
+            Where the image lies: recorded as CF / GDAL attributes and x / y coordinates
+            (:mod:`anomaly_dask.store_layout`) besides the ``georef`` attribute.
 
         Returns
         -------
@@ -315,6 +299,8 @@ class OutputStore:
                 raise ParameterError(f"{key} must be a positive integer, got {value!r}")
         if not isinstance(run_id, str) or not run_id:
             raise ParameterError(f"run_id must be a non-empty string, got {run_id!r}")
+        if zarr_format not in ZARR_FORMATS:
+            raise ParameterError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
         user_attrs = dict(attrs or {})
         check_json(user_attrs, "attrs")
         ident = None if identity is None else jsonable(dict(identity))
@@ -322,7 +308,7 @@ class OutputStore:
         url = normalize_url(url)
         if lease is not None and lease.url != url:
             raise ParameterError(f"lease is of {lease.url}, not of {url}")
-        store = cls(url, int(height), int(width), int(chunk), options_key(storage_options), run_id)
+        store = cls(url, int(height), int(width), int(chunk), options_key(storage_options), run_id, zarr_format)
         fs, path = store._fs()
 
         check_location(fs, path, url)
@@ -331,56 +317,50 @@ class OutputStore:
         if keep_existing(store, fs, path, run_id, ident, overwrite):
             store._ensure_arrays()
             return store
+        clear_progress(store)  # markers beside a fresh store are of a deleted one
 
         group_attrs = {
             **user_attrs,
             FORMAT_KEY: _FORMAT_VERSION,
             "run_id": run_id,
             "complete": False,
-            "layout": {"height": store.height, "width": store.width, "chunk": store.chunk},
+            "layout": store.layout,
+            **(to_attrs(georef) if georef is not None else {}),
         }
         if ident is not None:
             group_attrs["identity"] = ident
-        zarr.open_group(url, mode="w-", zarr_format=3, attributes=group_attrs, **store._zarr_kwargs())
+        group = zarr.open_group(url, mode="w-", zarr_format=zarr_format, attributes=group_attrs, **store._zarr_kwargs())
+        write_coordinates(group, georef, store.height, store.width, zarr_format)
         store._ensure_arrays()
         return store
 
+    @property
+    def layout(self) -> dict[str, int]:
+        """Size, chunk side and zarr format, as recorded in the attribute ``layout``."""
+        return {"height": self.height, "width": self.width, "chunk": self.chunk, "zarr_format": self.zarr_format}
+
     def _ensure_arrays(self) -> None:
-        """Create the nodes that are missing (after a crash during creation); check the rest."""
+        """Create the arrays that are missing (after a crash during creation); check the rest."""
         group = self._open_group("r+")
-        try:
-            zarr.open_group(self.url, path=_DONE_DIR, mode="r", zarr_format=3, **self._zarr_kwargs())
-        except FileNotFoundError:
-            # a (childless) zarr group, so that zarr lists the marker folder as a member quietly
-            group.create_group(_DONE_DIR, attributes={"description": _DONE_DESCRIPTION})
-        for name in ARRAY_NAMES:
-            shape: tuple[int, ...] = (self.height, self.width)
-            chunks: tuple[int, ...] = (self.chunk, self.chunk)
-            dims: tuple[str, ...] = ("y", "x")
-            if name == "overlay":
-                shape, chunks, dims = shape + (3,), chunks + (3,), dims + ("band",)
+        mapping = dict(group[GRID_MAPPING].attrs) if GRID_MAPPING in group else None
+        missing = []
+        for spec in array_specs(self.height, self.width, self.chunk, mapping):
             try:
-                arr = zarr.open_array(self.url, path=name, mode="r", zarr_format=3, **self._zarr_kwargs())
+                arr = self._open_array(spec.name, "r")
             except FileNotFoundError:
-                group.create_array(
-                    name, shape=shape, chunks=chunks, dtype=_DTYPES[name], fill_value=0,
-                    dimension_names=dims, config={"write_empty_chunks": True},
-                )  # fmt: skip
+                missing.append(spec)
                 continue
-            if arr.shape != shape or arr.chunks != chunks or arr.dtype != _DTYPES[name]:
+            if arr.shape != spec.shape or arr.chunks != spec.chunks or arr.dtype != spec.dtype:
                 raise OutputExistsError(
-                    f"{self.url}/{name} has shape {arr.shape}, chunks {arr.chunks}, dtype {arr.dtype}; "
-                    f"expected {shape}, {chunks}, {_DTYPES[name]}; pass overwrite=True to start afresh"
+                    f"{self.url}/{spec.name} has shape {arr.shape}, chunks {arr.chunks}, dtype {arr.dtype}; "
+                    f"expected {spec.shape}, {spec.chunks}, {spec.dtype}; pass overwrite=True to start afresh"
                 )
+        create_arrays(group, missing, self.zarr_format)
 
     # ---- progress -------------------------------------------------------------------------
 
-    def _marker(self, iy: int, ix: int) -> tuple[fsspec.AbstractFileSystem, str]:
-        fs, path = self._fs()
-        return fs, join(path, _DONE_DIR, f"{iy}.{ix}")
-
     def is_done(self, iy: int, ix: int) -> bool:
-        """Whether chunk ``(iy, ix)`` has been written completely by this run.
+        """Whether chunk ``(iy, ix)`` has its scores written by this run.
 
         Parameters
         ----------
@@ -393,14 +373,14 @@ class OutputStore:
             True when the completion marker exists and holds this run's id.
         """
         self.chunk_bounds(iy, ix)
-        fs, marker = self._marker(iy, ix)
+        fs, marker = marker_path(self, iy, ix)
         try:
             return fs.cat_file(marker) == self.run_id.encode()
         except FileNotFoundError:
             return False
 
     def done_chunks(self) -> set[tuple[int, int]]:
-        """The chunks marked done, from one listing of ``<url>/_done/``.
+        """The chunks whose scores are written, from one listing of ``<url>.done/``.
 
         Returns
         -------
@@ -408,23 +388,27 @@ class OutputStore:
             Chunk indices ``(iy, ix)``; markers that are truncated or outside the grid are
             ignored.
         """
-        fs, path = self._fs()
-        done_dir = join(path, _DONE_DIR)
-        fs.invalidate_cache(done_dir)
-        try:
-            entries = fs.ls(done_dir, detail=True)
-        except FileNotFoundError:
-            return set()
-        size = len(self.run_id.encode())
-        done = set()
-        for entry in entries:
-            match = _MARKER_RE.match(entry["name"].rstrip("/").rsplit("/", 1)[-1])
-            if match is None or entry.get("type") == "directory" or entry.get("size") != size:
-                continue
-            iy, ix = int(match.group(1)), int(match.group(2))
-            if iy < self.n_rows and ix < self.n_cols:
-                done.add((iy, ix))
-        return done
+        return listed_markers(self, None)
+
+    def rendered_chunks(self, rendering: str) -> set[tuple[int, int]]:
+        """The chunks whose mask and overlay are drawn with ``rendering`` (one listing)."""
+        return listed_markers(self, rendering) & self.done_chunks()
+
+    def start_rendering(
+        self, rendering: str, settings: Mapping[str, Any], attrs: Mapping[str, Any] | None = None
+    ) -> None:
+        """Make ``rendering`` the store's one rendering: markers of any other are deleted
+        (their masks will be redrawn), its ``settings`` and ``attrs`` recorded, and the
+        store marked incomplete until finalized."""
+        drop_other_renderings(self, rendering)
+        self._open_group("r+").attrs.update({
+            **jsonable(dict(attrs or {})), "complete": False,
+            "rendering": {"id": rendering, **jsonable(dict(settings))},
+        })
+
+    def record_exports(self, exports: Mapping[str, str]) -> None:
+        """Record the files this store's run wrote beside it (attribute ``exports``)."""
+        self._open_group("r+").attrs["exports"] = dict(exports)
 
     def missing_chunks(self) -> list[tuple[int, int]]:
         """The chunks not yet done, row-major (one listing)."""
@@ -433,7 +417,10 @@ class OutputStore:
 
     # ---- writing --------------------------------------------------------------------------
 
-    def write_chunk(self, iy: int, ix: int, score: np.ndarray, mask: np.ndarray, overlay: np.ndarray) -> None:
+    def write_chunk(
+        self, iy: int, ix: int, score: np.ndarray | None, mask: np.ndarray, overlay: np.ndarray,
+        rendering: str | None = None,
+    ) -> None:
         """Write the results of chunk ``(iy, ix)``, then mark it done.
 
         Safe to call concurrently for different chunks from any process: each call writes
@@ -444,13 +431,17 @@ class OutputStore:
         ----------
         iy, ix : int
             Chunk row and column.
-        score : numpy.ndarray
+        score : numpy.ndarray or None
             (h, w) scores, cast to float32; (h, w) is the chunk's size (see
-            :meth:`chunk_bounds`).
+            :meth:`chunk_bounds`). None redraws a chunk whose scores are written: only the
+            mask and overlay are written, then the marker of ``rendering``.
         mask : numpy.ndarray
             (h, w) mask, cast to uint8 (booleans become 0/255).
         overlay : numpy.ndarray
             (h, w, 3) uint8 RGB.
+        rendering : str, optional
+            Id of the rendering (threshold and look) the mask and overlay were drawn with;
+            its marker is written after the score's.
 
         Raises
         ------
@@ -463,22 +454,24 @@ class OutputStore:
         if mask.dtype == bool:
             mask = mask.astype(np.uint8) * np.uint8(255)
         data = {
-            "score": np.asarray(score, dtype=np.float32),
+            "score": None if score is None else np.asarray(score, dtype=np.float32),
             "mask": np.asarray(mask, dtype=np.uint8),
             "overlay": np.asarray(overlay, dtype=np.uint8),
         }
+        data = {k: v for k, v in data.items() if v is not None}
         for name, arr in data.items():
             want = hw + (3,) if name == "overlay" else hw
             if arr.shape != want:
                 raise ParameterError(f"{name} of chunk ({iy}, {ix}) must have shape {want}, got {arr.shape}")
         for name, arr in data.items():
             self._open_array(name, "r+")[y0:y1, x0:x1] = arr
-        fs, marker = self._marker(iy, ix)
-        if is_local(fs):
-            fs.makedirs(fs._parent(marker), exist_ok=True)
-        fs.pipe_file(marker, self.run_id.encode())
+        for which in ([None] if score is not None else []) + ([rendering] if rendering else []):
+            fs, marker = marker_path(self, iy, ix, which)
+            if is_local(fs):
+                fs.makedirs(fs._parent(marker), exist_ok=True)
+            fs.pipe_file(marker, self.run_id.encode())
 
-    def finalize(self, summary: Mapping[str, Any] | None = None) -> None:
+    def finalize(self, summary: Mapping[str, Any] | None = None, rendering: str | None = None) -> None:
         """Mark the store complete and store ``summary``, once every chunk is done.
 
         Parameters
@@ -486,6 +479,8 @@ class OutputStore:
         summary : dict, optional
             JSON-serialisable run summary (timings, statistics, ...), stored as the group
             attribute ``summary``.
+        rendering : str, optional
+            The rendering every chunk must also be drawn with.
 
         Raises
         ------
@@ -497,6 +492,9 @@ class OutputStore:
         summary = dict(summary or {})
         check_json(summary, "summary")
         missing = self.missing_chunks()
+        if rendering is not None and not missing:
+            drawn = self.rendered_chunks(rendering)
+            missing = [c for c in self.all_chunks() if c not in drawn]
         if missing:
             shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
             raise OutputIncompleteError(

@@ -57,8 +57,8 @@ def keep_existing(
                     "start afresh, or choose another url"
                 )
             layout = old_attrs.get("layout", {})
-            want = {"height": store.height, "width": store.width, "chunk": store.chunk}
-            if {k: layout.get(k) for k in want} != want:
+            want = store.layout
+            if {k: layout.get(k, 3 if k == "zarr_format" else None) for k in want} != want:
                 raise OutputExistsError(
                     f"{url} holds run {run_id!r} with layout {layout}, not {want}; "
                     "pass overwrite=True (--overwrite) to delete it and start afresh"
@@ -85,8 +85,9 @@ def keep_existing(
 def read_group_attrs(store: OutputStore) -> dict[str, Any] | None:
     """Attributes of the zarr group at ``store.url``, or None when there is none."""
     try:
-        return dict(store._open_group("r").attrs)
-    except (FileNotFoundError, zarr.errors.NodeTypeValidationError):
+        kw = store._zarr_kwargs()
+        return dict(zarr.open_group(store.url, mode="r", zarr_format=None, **kw).attrs)
+    except (FileNotFoundError, zarr.errors.NodeTypeValidationError, zarr.errors.GroupNotFoundError):
         return None
 
 
@@ -99,7 +100,7 @@ def _existing_kind(
         return None
     if fs.isfile(path):
         return "foreign", {}
-    if fs.exists(join(path, "zarr.json")):
+    if fs.exists(join(path, "zarr.json")) or fs.exists(join(path, ".zgroup")) or fs.exists(join(path, ".zarray")):
         attrs = read_group_attrs(store)
         if attrs is not None and FORMAT_KEY in attrs:
             return "ours", attrs

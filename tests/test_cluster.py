@@ -4,7 +4,9 @@ model travelling once per worker rather than with each task."""
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,22 +95,27 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                                    "test": (512, 512, 3, 3)}.items():
         out[name] = str(root / f"{name}.tif")
         write_tiff(out[name], SonarScene(h, w, seed=seed, n_objects=n))
+    # folders as an analyst passes them: normal lines to train on, survey lines to score
+    for folder, name in (("normal", "train"), ("survey", "test")):
+        (root / folder).mkdir()
+        shutil.copy(out[name], root / folder / f"{name}.tif")
+        out[folder] = str(root / folder)
     out["root"] = str(root)
     return out
 
 
 @pytest.fixture(scope="module")
 def runs(cluster, images) -> dict[str, Path]:
-    """train + detect through the CLI (a separate process) on the remote cluster, and the
-    same through the API on the in-process LocalCluster of this test session."""
+    """train + detect through the CLI (a separate process, folder inputs) on the remote
+    cluster, and the same through the API on the in-process LocalCluster of this session."""
     root = Path(images["root"])
     out: dict[str, Path] = {}
     model = root / "model_remote.safetensors"
     where = ["--scheduler", cluster["address"]]
-    _cli("train", images["train"], "--val", images["val"], "--model", str(model), *FAST,
+    _cli("train", images["normal"], "--val", images["val"], "--model", str(model), *FAST,
          "--chunk-size", "128", *where)
     report = ["--performance-report", str(root / "report_remote.html")]
-    _cli("detect", str(model), images["test"], "--output", str(root / "remote"), *CHUNK, *where, *report)
+    _cli("detect", str(model), images["survey"], "--output", str(root / "remote"), *CHUNK, *where, *report)
     out.update(remote=root / "remote" / "test.zarr", model_remote=model, report_remote=root / "report_remote.html")
     local = AnomalyDetector(weights=None, kmeans_clusters=8, kmeans_trials=2, random_state=0, chunk_size=128,
                             verbose=0).train(images["train"], images["val"])
@@ -129,8 +136,15 @@ def test_remote_cluster_matches_local_cluster(runs):
     span = np.nanmax(sb) - np.nanmin(sb)
     assert np.nanmax(np.abs(sa - sb)) <= 1e-5 * max(span, 1.0)
     np.testing.assert_array_equal(a["mask"][:], b["mask"][:])
-    assert (runs["remote"] / "quicklook.png").exists()
+    assert (runs["remote"].parent / "test_quicklook.png").exists()
     assert runs["report_remote"].stat().st_size > 1000
+
+    def regions(store: Path) -> list[tuple[str, ...]]:
+        with open(store.parent / "test_contacts.csv", newline="") as f:
+            keys = ("id", "area_px", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")
+            return [tuple(row[k] for k in keys) for row in csv.DictReader(f)]
+
+    assert regions(runs["remote"]) == regions(runs["local"]) and regions(runs["local"])
 
 
 def test_scheduler_file_and_user_errors_on_cluster(cluster, runs, images, tmp_path):
@@ -198,7 +212,7 @@ def test_killed_worker_run_completes(cluster, runs, images, tmp_path):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        done_dir = out / "_done"
+        done_dir = out.parent / (out.name + ".done")
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             if done_dir.exists() and len(list(done_dir.iterdir())) >= 2:

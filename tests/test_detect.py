@@ -62,7 +62,7 @@ def test_store_contents_and_nodata(sonar, tmp_path):
     # the store equals in-memory scoring of the same image
     direct = ad.score_image(sonar["test"])
     assert_close_scores(score, direct)
-    assert (tmp_path / "out.zarr" / "quicklook.png").exists()
+    assert (tmp_path / "out_quicklook.png").exists()
 
 
 def test_pixels_near_nodata_are_calibrated_against_their_own_kind(sonar, tmp_path):
@@ -113,12 +113,17 @@ def test_geotiff_keeps_the_input_georeference(sonar, tmp_path):
     with rasterio.open(sonar["test"]) as src:
         transform, crs = src.transform, src.crs
     for name in ("mask", "score"):
-        with rasterio.open(out / f"{name}.tif") as tif:
+        with rasterio.open(tmp_path / f"out_{name}.tif") as tif:
             assert tif.transform == transform
             assert tif.crs == crs and tif.crs.to_epsg() == 32631
             assert (tif.height, tif.width) == (520, 610)
-    with rasterio.open(out / "mask.tif") as tif:
-        np.testing.assert_array_equal(tif.read(1), zarr.open_group(str(out), mode="r")["mask"][:])
+    g = zarr.open_group(str(out), mode="r")
+    with rasterio.open(tmp_path / "out_mask.tif") as tif:
+        # 1 anomalous, 0 normal, 255 (the file's no-data) where the store's score is NaN
+        assert tif.nodata == 255 and tif.overviews(1) and tif.tags()["model_fingerprint"] == sonar["model"].fingerprint_
+        want = np.where(np.isnan(g["score"][:]), 255, g["mask"][:] > 0)
+        assert (want == 255).any() and (want == 1).any()
+        np.testing.assert_array_equal(tif.read(1), want)
 
 
 def test_geotiff_keeps_a_projected_crs_with_a_low_epsg_code(sonar, tmp_path):
@@ -134,8 +139,8 @@ def test_geotiff_keeps_a_projected_crs_with_a_low_epsg_code(sonar, tmp_path):
     assert zarr.open_group(str(out), mode="r").attrs["georef"]["crs_epsg"] == 4087
     with rasterio.open(moved) as src:
         transform, crs = src.transform, src.crs
-    for name, nodata in (("mask", 0), ("score", None)):
-        with rasterio.open(out / f"{name}.tif") as tif:
+    for name, nodata in (("mask", 255), ("score", None)):
+        with rasterio.open(tmp_path / f"out_{name}.tif") as tif:
             assert tif.crs == crs and tif.crs.is_projected and tif.crs.to_epsg() == 4087
             assert tif.transform == transform
             assert tif.nodata == nodata if nodata is not None else np.isnan(tif.nodata)
@@ -152,7 +157,7 @@ def test_outputs_to_s3(sonar, s3):
     assert g.attrs["complete"] is True
     assert_close_scores(g["score"][:], sonar["model"].score_image(sonar["test"]))
     fs = s3fs.S3FileSystem(**options)
-    assert fs.exists(f"{bucket}/survey/out.zarr/quicklook.png")
+    assert fs.exists(f"{bucket}/survey/out_quicklook.png")
     assert summary["png_tiles"] == 25
     with pytest.raises(FileNotFoundError, match="no-such-bucket"):
         sonar["model"].detect(sonar["test"], "s3://no-such-bucket/out.zarr", storage_options=options)
@@ -173,7 +178,7 @@ def test_killed_run_resumes_without_recomputing(sonar, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, model, image, str(killed)], env=env)
     deadline = time.time() + 120
-    done_dir = killed / "_done"
+    done_dir = tmp_path / "killed.zarr.done"
     while time.time() < deadline and proc.poll() is None:
         if done_dir.exists() and len(list(done_dir.iterdir())) >= 5:
             break

@@ -17,7 +17,7 @@ from anomaly_dask.export import BAND_DESCRIPTIONS, write_geotiff, write_png_tile
 from anomaly_dask.georef import from_attrs, georef_from_tiff, to_attrs
 from anomaly_dask.store import OutputStore
 
-from .test_store import CHUNK, H, W, expected, full_store
+from .test_store import CHUNK, H, W, chunk_data, expected, full_store, mask_tif
 
 UTM_GEOREF = {"transform": (431000.0, 0.1, 0.0, 5412000.0, 0.0, -0.1), "crs_epsg": 32631}
 
@@ -33,16 +33,56 @@ def done_store(tmp_path_factory: pytest.TempPathFactory) -> OutputStore:
 @pytest.mark.parametrize("name", ["mask", "score"])
 def test_geotiff_from_epsg(done_store: OutputStore, tmp_path: Path, name: str) -> None:
     out = tmp_path / f"{name}.tif"
-    write_geotiff(done_store, str(out), name, UTM_GEOREF, nodata=0, tile=64)
+    write_geotiff(done_store, str(out), name, UTM_GEOREF, tile=64, cog=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary left over
     with rasterio.open(out) as ds:
         assert ds.crs.to_epsg() == 32631
         assert ds.transform.to_gdal() == pytest.approx(UTM_GEOREF["transform"])
         assert (ds.height, ds.width) == (H, W) and ds.block_shapes == [(64, 64)]
-        assert ds.nodata == 0
+        assert ds.nodata == 255 if name == "mask" else np.isnan(ds.nodata)
         assert ds.descriptions == BAND_DESCRIPTIONS[name]
         assert ds.compression.name == "deflate"
-        np.testing.assert_array_equal(ds.read(1), expected(done_store)[name])
+        want = mask_tif(done_store) if name == "mask" else expected(done_store)[name]
+        np.testing.assert_array_equal(ds.read(1), want)
+
+
+@pytest.mark.parametrize("name", ["mask", "score", "overlay"])
+def test_cloud_optimized_geotiff_has_overviews_tags_and_nodata(tmp_path: Path, name: str) -> None:
+    """The default GeoTIFF is a COG: overviews, the run's tags, band descriptions; the
+    mask's no-data (255) is distinct from normal (0), and no-data pixels hold it."""
+    store = OutputStore.create(str(tmp_path / "big.zarr"), 700, 600, 128, "run-1", {})
+    want = {"score": np.zeros((700, 600), np.float32), "mask": np.zeros((700, 600), np.uint8),
+            "overlay": np.zeros((700, 600, 3), np.uint8)}
+    for iy, ix in store.all_chunks():
+        score, mask, overlay = chunk_data(store, iy, ix)
+        y0, y1, x0, x1 = store.chunk_bounds(iy, ix)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        hole = (yy - 350) ** 2 + (xx - 300) ** 2 < 150**2
+        score[hole], mask[hole] = np.nan, 0
+        store.write_chunk(iy, ix, score, mask, overlay)
+        for k, v in (("score", score), ("mask", mask), ("overlay", overlay)):
+            want[k][y0:y1, x0:x1] = v
+    store.finalize({})
+    out = tmp_path / f"{name}.tif"
+    write_geotiff(store, str(out), name, UTM_GEOREF, tags={"threshold": 3.0, "model_fingerprint": "abc"})
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert ds.overviews(1) == [2] and ds.block_shapes[0] == (512, 512)
+        assert ds.tags()["threshold"] == "3.0" and ds.tags()["model_fingerprint"] == "abc"
+        assert ds.descriptions == BAND_DESCRIPTIONS[name]
+        assert ds.crs.to_epsg() == 32631
+        holes = np.isnan(want["score"])
+        assert holes.any() and (~holes).any()
+        if name == "mask":
+            assert ds.nodata == 255
+            np.testing.assert_array_equal(ds.read(1), np.where(holes, 255, want["mask"] > 0))
+        elif name == "score":
+            assert np.isnan(ds.nodata)
+            np.testing.assert_array_equal(ds.read(1), want["score"])
+        else:
+            assert ds.nodata is None
+            np.testing.assert_array_equal(np.moveaxis(ds.read(), 0, -1), want["overlay"])
+            np.testing.assert_array_equal(ds.read_masks(1) == 0, holes)  # internal validity mask
 
 
 def test_geotiff_geographic_and_overlay(done_store: OutputStore, tmp_path: Path) -> None:
@@ -102,7 +142,7 @@ def test_geotiff_keeps_the_crs_of_an_input_written_with_raw_tags(
         "crs_epsg": 3857, "crs_wkt": None, "transform": [250000.0, 0.25, 0.0, 6250000.0, 0.0, -0.25],
     }  # fmt: skip
     out = tmp_path / "score.tif"
-    write_geotiff(done_store, str(out), "score", georef, nodata=float("nan"), tile=64)
+    write_geotiff(done_store, str(out), "score", georef, nodata=float("nan"), tile=64, cog=False)
     with rasterio.open(src) as a, rasterio.open(out) as b:
         assert b.crs == a.crs and b.crs.to_epsg() == 3857
         assert b.transform == a.transform
@@ -128,16 +168,16 @@ def test_geotiff_streams_in_bands_and_writes_bigtiff_when_large(
     done_store: OutputStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "mask.tif"
-    write_geotiff(done_store, str(out), "mask", UTM_GEOREF, tile=32, max_band_bytes=1, compression="zstd")
+    write_geotiff(done_store, str(out), "mask", UTM_GEOREF, tile=32, max_band_bytes=1, compression="zstd", cog=False)
     with tifffile.TiffFile(out) as tif:
         assert not tif.is_bigtiff
     monkeypatch.setattr(export, "_BIGTIFF_BYTES", 0)
-    write_geotiff(done_store, str(out), "mask", UTM_GEOREF, tile=32, max_band_bytes=1, compression="lzw")
+    write_geotiff(done_store, str(out), "mask", UTM_GEOREF, tile=32, max_band_bytes=1, compression="lzw", cog=False)
     with tifffile.TiffFile(out) as tif:
         assert tif.is_bigtiff
     with rasterio.open(out) as ds:
         assert ds.compression.name == "lzw" and ds.block_shapes == [(32, 32)]
-        np.testing.assert_array_equal(ds.read(1), expected(done_store)["mask"])
+        np.testing.assert_array_equal(ds.read(1), mask_tif(done_store))
 
 
 def test_geotiff_refusals(done_store: OutputStore, tmp_path: Path) -> None:
@@ -165,12 +205,12 @@ def test_geotiff_refusals(done_store: OutputStore, tmp_path: Path) -> None:
 def test_png_tiles_and_quicklook(done_store: OutputStore, tmp_path: Path) -> None:
     urls = write_png_tiles(done_store, "overlay")
     assert len(urls) == done_store.n_chunks
-    assert urls[-1] == f"{done_store.url}/png/overlay/3/2.png"
+    assert urls[-1] == done_store.url[: -len(".zarr")] + "_tiles/overlay/3/2.png"
     want = expected(done_store)["overlay"]
     with Image.open(urls[-1]) as img:
         assert img.size == (W - 2 * CHUNK, H - 3 * CHUNK)
         np.testing.assert_array_equal(np.asarray(img), want[3 * CHUNK :, 2 * CHUNK :])
-    with Image.open(f"{done_store.url}/png/overlay/0/1.png") as img:
+    with Image.open(done_store.url[: -len(".zarr")] + "_tiles/overlay/0/1.png") as img:
         assert img.size == (CHUNK, CHUNK)
 
     masks = write_png_tiles(done_store, "mask", tile=100, prefix=str(tmp_path / "tiles"))

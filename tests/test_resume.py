@@ -70,7 +70,7 @@ def fake_lease(out: str, *, host: str, pid: int, heartbeat: float, scope: str | 
 def forget_chunks(out: str, chunks: list[tuple[int, int]]) -> None:
     """Make a finished store look interrupted: drop some completion markers."""
     for iy, ix in chunks:
-        os.remove(os.path.join(out, "_done", f"{iy}.{ix}"))
+        os.remove(os.path.join(out + ".done", f"{iy}.{ix}"))
     zarr.open_group(out, mode="r+").attrs["complete"] = False
 
 
@@ -94,24 +94,33 @@ def test_changed_input_is_not_reused(ad: AnomalyDetector, tmp_path: Path) -> Non
     np.testing.assert_array_equal(a["score"][:], b["score"][:])
 
 
-def test_other_overlay_colour_is_not_mixed_in(ad: AnomalyDetector, tmp_path: Path) -> None:
+def test_other_look_or_threshold_is_redrawn_not_mixed_in(ad: AnomalyDetector, tmp_path: Path) -> None:
+    """Another overlay colour, opacity or threshold keeps the scores and redraws every
+    chunk's mask and overlay from them (no CNN): the result equals a fresh run's."""
     image, out = write_input(tmp_path / "in.tif", 1), str(tmp_path / "out.zarr")
     ad.detect(image, out, quicklook=False)
+    scores = zarr.open_group(out, mode="r")["score"][:]
     forget_chunks(out, [(0, 1), (2, 3)])  # "killed" with two chunks left
-    blue = copy.copy(ad)
-    blue.overlay_color = (0, 0, 255)
-    with pytest.raises(OutputExistsError, match="overlay_color differs") as info:
-        blue.detect(image, out, quicklook=False)
-    assert "[255, 0, 0]" in str(info.value) and "[0, 0, 255]" in str(info.value)
-    assert zarr.open_group(out, mode="r").attrs["complete"] is False
-    faint = copy.copy(ad)
-    faint.overlay_opacity = 0.3
-    with pytest.raises(OutputExistsError, match="overlay_opacity differs"):
-        faint.detect(image, out, quicklook=False)
-    other_threshold = copy.copy(ad)
-    other_threshold.threshold_ = ad.threshold_ + 1.0
-    with pytest.raises(OutputExistsError, match="the threshold differs"):
-        other_threshold.detect(image, out, quicklook=False)
+    ad.save(str(tmp_path / "m.safetensors"))
+    stricter = AnomalyDetector.load(
+        str(tmp_path / "m.safetensors"), false_alarm_rate=ad.false_alarm_rate_ / 10, chunk_size=CHUNK, verbose=0
+    )
+    assert stricter.threshold_ == ad.threshold_ + 1.0
+    for change in ({"overlay_color": (0, 0, 255)}, {"overlay_opacity": 0.3}, "stricter"):
+        other = copy.copy(ad) if change != "stricter" else stricter
+        for key, value in (change.items() if change != "stricter" else ()):
+            setattr(other, key, value)
+        summary = other.detect(image, out, quicklook=False)
+        fresh_out = str(tmp_path / f"fresh_{len(os.listdir(tmp_path))}.zarr")
+        other.detect(image, fresh_out, quicklook=False)
+        a, b = zarr.open_group(out, mode="r"), zarr.open_group(fresh_out, mode="r")
+        for name in ("score", "mask", "overlay"):
+            np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=f"{change}: {name}")
+        np.testing.assert_array_equal(a["score"][:], scores)
+        assert summary["redrawn_chunks"] + summary["computed_chunks"] == summary["chunks"]
+        assert summary["redrawn_chunks"] >= summary["chunks"] - 2
+        assert a.attrs["complete"] is True and a.attrs["threshold"] == other.threshold_
+        assert a.attrs["rendering"]["overlay_color"] == list(other.overlay_color)
 
 
 def test_same_run_resumes_and_skips_done_chunks(ad: AnomalyDetector, tmp_path: Path) -> None:
@@ -121,14 +130,14 @@ def test_same_run_resumes_and_skips_done_chunks(ad: AnomalyDetector, tmp_path: P
     forget_chunks(out, [(0, 0), (1, 2), (2, 3)])
     seen: list[tuple[int, int]] = []
     resumed = ad.detect(image, out, quicklook=False, progress=lambda k, n: seen.append((k, n)))
-    assert resumed["computed_chunks"] == 3 and seen[0] == (0, 3)
+    assert resumed["computed_chunks"] == 3 and seen[0] == (0, 5) and seen[-1] == (5, 5)  # + pyramid, contacts
     assert resumed["run_id"] == first["run_id"]
     g = zarr.open_group(out, mode="r")
     assert g.attrs["complete"] is True
     for name, arr in want.items():
         np.testing.assert_array_equal(g[name][:], arr, err_msg=name)
-    assert g.attrs["identity"]["overlay_color"] == [255, 0, 0]
-    assert g.attrs["run_settings"]["chunk_size"] == CHUNK
+    assert g.attrs["rendering"]["overlay_color"] == [255, 0, 0]
+    assert g.attrs["score_settings"]["chunk_size"] == CHUNK
     assert ad.detect(image, out, quicklook=False)["computed_chunks"] == 0
 
 
@@ -191,7 +200,7 @@ def test_lease_is_gone_after_finished_and_failed_runs(ad: AnomalyDetector, tmp_p
         raise KeyboardInterrupt
 
     other = copy.copy(ad)
-    other.overlay_opacity = 0.5
+    other.chunk_size = 2 * ad.chunk_size  # other scores: the store of ``ad`` is refused to it
     with pytest.raises(KeyboardInterrupt):
         other.detect(image, str(tmp_path / "b.zarr"), quicklook=False, progress=interrupt)
     assert not os.path.exists(lease_url(str(tmp_path / "b.zarr")))
@@ -379,7 +388,8 @@ def test_lease_on_memory_filesystem() -> None:
 
 def test_cli_resume_and_lease_refusals_are_one_line(fast_model: AnomalyDetector, tmp_path: Path,
                                                     capsys: Any, scheduler_args: list[str]) -> None:
-    """The findings through the CLI: changed input, other overlay colour, a live lease."""
+    """The findings through the CLI: other scores, changed input, a live lease; another
+    look or threshold is redrawn."""
     from anomaly_dask import cli
 
     model = str(tmp_path / "m.safetensors")
@@ -394,8 +404,9 @@ def test_cli_resume_and_lease_refusals_are_one_line(fast_model: AnomalyDetector,
         return code, capsys.readouterr().err
 
     assert run()[0] == 0
-    code, err = run("--overlay-color", "0", "0", "255")
-    assert code == 1 and "overlay_color differs" in err and "--overwrite" in err
+    code, err = run("--chunk-size", "96")
+    assert code == 1 and "chunk_size differs" in err and "--overwrite" in err
+    assert run("--overlay-color", "0", "0", "255", "--false-alarm-rate", "0.01")[0] == 0  # redrawn
     write_input(tmp_path / "in.tif", 2)
     code, err = run()
     assert code == 1 and "the input changed" in err

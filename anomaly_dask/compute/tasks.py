@@ -21,12 +21,13 @@ import numpy as np
 from ..dictionary import Dictionary, coreset, fit_projection, init_kmeans
 from ..grid import TileGrid, chunk_windows
 from ..io import ImageSource
-from ..scoring import Extractor, Rendering, Unit, pixel_sample, render_chunk, subsample
+from ..scoring import Extractor, Rendering, Unit, pixel_sample, redraw_chunk, render_chunk, subsample
 from .cluster import local_client, set_torch_threads
 
 __all__ = [
     "Session",
     "detect_chunks",
+    "redraw_chunks",
     "fit_model",
     "sample_pixel_scores",
     "scatter",
@@ -86,6 +87,13 @@ class Session:
     ) -> list[dict[str, float]]:
         """Score and write chunks into ``store`` (see :func:`detect_chunks`)."""
         return detect_chunks(self.client, self.extractor, self.dictionary, jobs, store, rendering, progress)
+
+    def redraw(
+        self, intensity: Any, jobs: list[tuple[Unit, tuple[int, int]]], store: Any, rendering: Rendering,
+        progress: Any = None,
+    ) -> list[dict[str, float]]:
+        """Redraw masks and overlays of stored scores (see :func:`redraw_chunks`)."""
+        return redraw_chunks(self.client, intensity, jobs, store, rendering, progress)
 
 
 @contextlib.contextmanager
@@ -178,8 +186,33 @@ def _detect_task(
     set_torch_threads()
     scores, raw, _, _ = extractor.pixel_scores(unit, dictionary, rendering.n_neighbors)
     mask, overlay, stats = render_chunk(scores, raw, extractor.intensity, rendering)
-    store.write_chunk(index[0], index[1], scores, mask, overlay)
+    store.write_chunk(index[0], index[1], scores, mask, overlay, rendering=rendering.id or None)
     return stats
+
+
+def _redraw_task(
+    intensity: Any, unit: Unit, store: Any, index: tuple[int, int], rendering: Rendering
+) -> dict[str, float]:
+    """Redraw one chunk's mask and overlay from its stored scores (no CNN); its statistics."""
+    w = unit.window
+    scores = np.asarray(store.read("score")[w.y0 : w.y1, w.x0 : w.x1])
+    mask, overlay, stats = redraw_chunk(unit, scores, intensity, rendering)
+    store.write_chunk(index[0], index[1], None, mask, overlay, rendering=rendering.id)
+    return stats
+
+
+def redraw_chunks(
+    client: Any, intensity: Any, jobs: list[tuple[Unit, tuple[int, int]]], store: Any,
+    rendering: Rendering, progress: Any = None,
+) -> list[dict[str, float]]:
+    """Run :func:`_redraw_task` for each (unit, chunk index), streamed like :func:`detect_chunks`."""
+    out = []
+    args = [(intensity, u, store, idx, rendering) for u, idx in jobs]
+    for k, stats in enumerate(_stream(client, _redraw_task, args, _in_flight(client)), 1):
+        out.append(stats)
+        if progress is not None:
+            progress(k, len(jobs))
+    return out
 
 
 def detect_chunks(
