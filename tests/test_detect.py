@@ -167,7 +167,7 @@ def test_outputs_to_s3(sonar, s3):
 CHILD = """
 import sys
 from anomaly_dask import AnomalyDetector
-ad = AnomalyDetector.load(sys.argv[1], chunk_size=64, verbose=0)
+ad = AnomalyDetector.load(sys.argv[1], chunk_size=96, verbose=0)
 ad.detect(sys.argv[2], sys.argv[3], quicklook=False)
 """
 
@@ -187,10 +187,10 @@ def test_killed_run_resumes_without_recomputing(sonar, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_before = len(OutputStore.open(str(killed)).done_chunks())
-    total = 9 * 10  # 520 x 610 px in 64 px chunks
+    total = 6 * 7  # 520 x 610 px in 96 px chunks
     assert 3 <= n_before < total
     assert zarr.open_group(str(killed), mode="r").attrs["complete"] is False
-    ad = AnomalyDetector.load(model, chunk_size=64, verbose=0)
+    ad = AnomalyDetector.load(model, chunk_size=96, verbose=0)
     resumed = ad.detect(image, str(killed), quicklook=False)
     assert resumed["computed_chunks"] == total - n_before
     full = ad.detect(image, str(clean), quicklook=False)
