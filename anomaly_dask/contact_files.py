@@ -42,7 +42,7 @@ import numpy as np
 from .contacts import BASE_FIELDS, MAP_FIELDS, area_field
 from .errors import OutputLocationError, ParameterError
 from .georef import to_rasterio
-from .locations import is_local, is_object_store, normalize_url
+from .locations import is_local, normalize_url, publish
 
 if TYPE_CHECKING:
     from rasterio.crs import CRS
@@ -147,15 +147,6 @@ def _write_csv(path: str, contacts: Sequence[Mapping[str, Any]], fields: list[st
                              for k in fields])  # fmt: skip
 
 
-def _publish(fs: fsspec.AbstractFileSystem, tmp: str, path: str) -> None:
-    """Move a finished local file ``tmp`` to ``path`` on ``fs`` so it appears only when complete."""
-    if is_local(fs):
-        os.replace(tmp, path)
-    elif is_object_store(fs):
-        fs.put_file(tmp, path)
-    else:
-        fs.put_file(tmp, path + ".partial")
-        fs.mv(path + ".partial", path)
 
 
 def write_contacts(
@@ -243,7 +234,7 @@ def write_contacts(
                     outline_cols = {k: columns[k] for k in _OUTLINE_FIELDS}
                     _write_layer(tmp, "GPKG", "outlines", _multipolygons(contacts), outline_cols,
                                  "MultiPolygon", crs_text)  # fmt: skip
-            _publish(fs, tmp, base_path + suffix)
+            publish(fs, tmp, base_path + suffix)
             written[key] = base + suffix
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

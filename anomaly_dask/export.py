@@ -24,7 +24,7 @@ import zarr
 
 from .errors import OutputLocationError, ParameterError
 from .georef import to_rasterio
-from .locations import beside, is_local, is_object_store, join, normalize_url
+from .locations import beside, is_local, join, normalize_url, publish
 from .outputs import write_png
 from .store import ARRAY_NAMES, OutputStore
 
@@ -402,12 +402,6 @@ def write_geotiff(
             tiled, tmp = tmp, os.path.join(work_dir, Path(path).name + ".cog.partial")
             _to_cog(tiled, tmp, name, tile, compression, bigtiff)
             os.remove(tiled)
-        if local:
-            os.replace(tmp, path)
-        elif is_object_store(fs):
-            fs.put_file(tmp, path)
-        else:
-            fs.put_file(tmp, path + ".partial")
-            fs.mv(path + ".partial", path)
+        publish(fs, tmp, path)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

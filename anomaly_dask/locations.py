@@ -19,7 +19,7 @@ from .errors import OutputLocationError, OutputNotWritableError, ParameterError
 
 __all__ = [
     "OBJECT_STORES", "beside", "check_json", "check_location", "check_writable", "is_local",
-    "is_object_store", "is_uri", "join", "normalize_url", "options_key",
+    "is_object_store", "is_uri", "join", "normalize_url", "options_key", "publish",
 ]
 
 #: fsspec protocols whose uploads appear atomically under their final name.
@@ -108,3 +108,16 @@ def beside(store_url: str, suffix: str) -> str:
     if base.lower().endswith(".zarr"):
         base = base[: -len(".zarr")]
     return base + suffix
+
+
+def publish(fs: fsspec.AbstractFileSystem, tmp: str, path: str) -> None:
+    """Move the finished local file ``tmp`` to ``path`` on ``fs``, so that it appears under
+    its name only when complete: a rename on local disks, one upload on object stores
+    (their keys appear when the upload ends), else an upload to ``<path>.partial`` and a move."""
+    if is_local(fs):
+        os.replace(tmp, path)
+    elif is_object_store(fs):
+        fs.put_file(tmp, path)
+    else:
+        fs.put_file(tmp, path + ".partial")
+        fs.mv(path + ".partial", path)

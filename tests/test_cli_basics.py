@@ -15,17 +15,11 @@ from anomaly_dask import __version__, cli
 from anomaly_dask.cli_support import cli_terms, find_inputs, stores_for
 
 from .conftest import REPO, texture
+from .test_cli import _run_main
 
 HEAVY = {"torch", "dask", "distributed", "zarr", "rasterio", "sklearn", "timm"}
 
 
-def _run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_building_the_parser_imports_nothing_heavy():
