@@ -215,6 +215,10 @@ PARAMS: tuple[Param, ...] = (
           "distance to the nearest member; 0 scores by the nearest centroid as the seed did; "
           f"at most {MAX_MEMORY}",
           low=0, high=MAX_MEMORY),
+    Param("runtime", "auto", "str", "choice",
+          "what runs the CNN trunk: `'auto'` (OpenVINO on CPUs when installed, else torch), "
+          "`'torch'` or `'openvino'`", choices=("auto", "torch", "openvino"),
+          commands=EVERY_COMMAND, runtime=True),
     Param("features", "dense", "str", "choice",
           "`'dense'` (one pass per chunk) or `'patch'` (one pass per tile, as the paper)",
           choices=("dense", "patch")),

@@ -15,6 +15,7 @@ from .errors import ImageReadError, NotFittedError, ParameterError
 from .features import FeatureConfig, check_device
 from .grid import TileGrid
 from .io import ImageSource, list_images, match_bit_depth, open_source
+from .runtimes import resolve_runtime
 from .scoring import Extractor
 
 __all__ = ["AnomalyDetector"]
@@ -76,6 +77,7 @@ class AnomalyDetector:
         false_alarm_rate: float = 1e-3,
         calibration_groups: str = "centroid",
         memory_size: int = 10_000,
+        runtime: str = "auto",
         features: str = "dense",
         backbone: str = "efficientnet_lite0",
         weights: str | None = "imagenet",
@@ -200,6 +202,7 @@ class AnomalyDetector:
             patch_size=s["patch_size"],
             batch_size=s["cnn_batchsize"],
             context=CONTEXT.get(s["backbone"], 160),
+            runtime=resolve_runtime(s["runtime"], self._device(s)),
         )
 
     def _device(self, s: dict[str, Any]) -> str:
@@ -425,13 +428,9 @@ class AnomalyDetector:
             If ``output`` holds the store of another run, or an export's name is taken by a
             file this store did not write, and ``overwrite`` is false.
         OutputLockedError
-            If another live run writes ``output`` (it holds the lease ``<output>.lock``),
-            whatever ``overwrite`` says; or if this run lost its lease to another one.
-
-        Notes
-        -----
-        While it writes, the run holds the lease ``<output>.lock`` (removed when it ends,
-        also on errors; a killed run's is taken over by the next run).
+            If another live run writes ``output`` (it holds the lease ``<output>.lock``,
+            removed when a run ends, taken over from a killed one), whatever ``overwrite``
+            says; or if this run lost its lease to another one.
         """
         from .detection import detect_image
 

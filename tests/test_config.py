@@ -39,7 +39,7 @@ def test_table_gives_defaults_and_run_settings():
     # run settings are refused in model files: this set is part of the file format
     assert set(RUNTIME) == {
         "client", "storage_options", "device", "verbose", "chunk_size", "cnn_batchsize",
-        "overlay_color", "overlay_opacity",
+        "overlay_color", "overlay_opacity", "runtime",
     }
     assert [p.name for p in PARAMS if p.seed][-1] == "val_fraction"
     assert all(p.seed for p in PARAMS[: names.index("val_fraction") + 1])

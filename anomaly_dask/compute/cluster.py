@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 #: Packages whose versions must agree between the client and every worker.
-CHECKED_PACKAGES = ("anomaly_dask", "torch", "numpy", "dask", "distributed", "zarr")
+CHECKED_PACKAGES = ("anomaly_dask", "torch", "openvino", "numpy", "dask", "distributed", "zarr")
 
 
 def package_versions() -> dict[str, str]:
