@@ -7,6 +7,9 @@ saves the scores and the threshold. Then ``--compare A B`` prints, per image, th
 score difference relative to the image's score range and the number of mask pixels that
 differ, and exits 1 if any mask differs or any difference exceeds ``--tolerance``.
 
+Also compares runtimes of one version: ``--save DIR --runtime torch`` and ``--runtime
+openvino``, then ``--compare``.
+
 Only the public API is used (``train``, ``score_image``, ``threshold_``), so the script
 runs unchanged against older versions.
 
@@ -40,8 +43,9 @@ def cases(real: Path) -> dict[str, Path]:
     return out
 
 
-def save(out: Path, real: Path) -> None:
-    """Train and score every case with the anomaly_dask found on ``sys.path``."""
+def save(out: Path, real: Path, runtime: str | None = None) -> None:
+    """Train and score every case with the anomaly_dask found on ``sys.path`` (with the
+    given ``runtime``, or the version's default)."""
     import anomaly_dask
     from anomaly_dask import AnomalyDetector
 
@@ -49,7 +53,8 @@ def save(out: Path, real: Path) -> None:
     meta = {"anomaly_dask": str(Path(anomaly_dask.__file__).parent), "cases": {}}
     for name, folder in cases(real).items():
         t0 = time.perf_counter()
-        det = AnomalyDetector(random_state=0, verbose=0).train(str(folder / "train"), str(folder / "val"))
+        extra = {} if runtime is None else {"runtime": runtime}
+        det = AnomalyDetector(random_state=0, verbose=0, **extra).train(str(folder / "train"), str(folder / "val"))
         images = sorted(p for p in (folder / "test").iterdir() if p.suffix.lower() in SUFFIXES)
         arrays = {p.stem: np.asarray(det.score_image(str(p)), dtype=np.float32) for p in images}
         np.savez_compressed(out / f"{name}.npz", **arrays)
@@ -96,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", type=Path, help="train, score and save into this folder")
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), help="compare two saved runs")
     parser.add_argument("--real-cases", type=Path, default=ROOT.parent / "shared" / "real-cases")
+    parser.add_argument("--runtime", help="with --save: the trunk's runtime (torch, openvino; versions that have it)")
     parser.add_argument("--tolerance", type=float, default=1e-6, help="largest score difference / range")
     args = parser.parse_args(argv)
     if args.save:
-        save(args.save, args.real_cases)
+        save(args.save, args.real_cases, args.runtime)
         return 0
     if args.compare:
         return compare(*args.compare, args.tolerance)
