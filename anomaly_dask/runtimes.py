@@ -1,7 +1,7 @@
 """Inference runtimes for the dense backbone pass: torch, or OpenVINO on CPUs.
 
 The trunk (the backbone up to its deepest dense stage, batch norm folded) is the one
-expensive step of scoring. On CPUs OpenVINO runs it about 2.5-3x faster than torch with
+expensive step of scoring. On CPUs OpenVINO runs it about 3-4x faster than torch with
 the same outputs (``jobs/bench_speed.py`` measures it). It is converted from the torch
 module once per process and per model -- at a task's first use, then reused by every later
 task (a cache keyed by a digest of the weights, so copies of one model share it) -- with dynamic spatial
