@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "example_dataset"
 
 #: Fast settings for tests that check mechanics, not quality: random weights, few clusters.
-FAST = dict(weights=None, kmeans_clusters=8, kmeans_trials=2, random_state=0, verbose=0)
+#: Small, quick models. The trunk runs in torch: an OpenVINO conversion costs a second or two
+#: per model, and tests/test_runtime.py checks that OpenVINO gives the same scores and masks.
+FAST = dict(weights=None, kmeans_clusters=8, kmeans_trials=2, random_state=0, verbose=0, runtime="torch")
 
 
 def texture(height: int, width: int, seed: int, channels: int = 3) -> np.ndarray:

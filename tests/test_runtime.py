@@ -35,7 +35,7 @@ def test_openvino_maps_equal_torch_maps_at_any_size(name):
 def test_masks_equal_torch_and_chunked_equals_unchunked_with_openvino():
     train = [texture(160, 176, 1), texture(150, 150, 2)]
     image = texture(203, 157, 3)
-    ad = AnomalyDetector(**FAST, runtime="torch", false_alarm_rate=0.05).train(train[0], train[1])
+    ad = AnomalyDetector(**{**FAST, "runtime": "torch", "false_alarm_rate": 0.05}).train(train[0], train[1])
     fast = copy.copy(ad)
     fast.runtime = "openvino"
     assert ad._feature_config(ad._settings()).runtime == "torch"
@@ -71,7 +71,7 @@ def test_runtime_choice_and_refusals(monkeypatch):
     with pytest.raises(ParameterError, match="runs on the CPU"):
         resolve_runtime("openvino", "cuda")
     with pytest.raises(ParameterError, match="runtime='onnx'"):
-        AnomalyDetector(**FAST, runtime="onnx")._settings()
+        AnomalyDetector(**{**FAST, "runtime": "onnx"})._settings()
     monkeypatch.setattr(runtimes, "openvino_installed", lambda: False)
     assert resolve_runtime("auto", "cpu") == "torch"
     with pytest.raises(ParameterError, match="pip install openvino"):
