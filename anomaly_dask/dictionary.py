@@ -181,22 +181,35 @@ class Dictionary:
         Calibration.check_arrays(cal, k)
 
 
-def _nearest(z: np.ndarray, points: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def _nearest(z: np.ndarray, points: np.ndarray, k: int, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Mean distance of each row of ``z`` to its ``k`` nearest ``points`` and the nearest's
-    index, in row blocks (the distance matrix of a block at a time)."""
+    index, in row blocks (the distance matrix of a block at a time).
+
+    Squared distances are ``|z|^2 + (|p|^2 - 2 z.p)``; the bracket is formed in place in one
+    buffer per block (``-2 p`` is folded into the product), and ``|z|^2`` is added only to
+    the values kept, so each block costs one matrix product and two passes over its buffer.
+    """
     c = np.ascontiguousarray(points, dtype=np.float32)
     cc = (c * c).sum(1)[None, :]
+    minus2t = np.ascontiguousarray(-2.0 * c.T)
     k = min(k, len(c))
     dist = np.empty(len(z), dtype=np.float32)
     index = np.empty(len(z), dtype=np.int64)
+    buf = np.empty((min(block, len(z)), len(c)), dtype=np.float32)
     for i in range(0, len(z), block):
-        zb = z[i : i + block]
-        d2 = np.maximum((zb * zb).sum(1)[:, None] - 2.0 * zb @ c.T + cc, 0.0)
-        index[i : i + block] = d2.argmin(axis=1)
+        zb = np.ascontiguousarray(z[i : i + block], dtype=np.float32)
+        g = buf[: len(zb)]
+        np.matmul(zb, minus2t, out=g)
+        g += cc
+        zz = (zb * zb).sum(1)
+        rows = np.arange(len(zb))
+        nearest = g.argmin(axis=1)
+        index[i : i + block] = nearest
         if k == 1:
-            dist[i : i + block] = np.sqrt(d2[np.arange(len(zb)), index[i : i + block]])
+            dist[i : i + block] = np.sqrt(np.maximum(g[rows, nearest] + zz, 0.0))
         else:
-            dist[i : i + block] = np.sqrt(np.partition(d2, k - 1, axis=1)[:, :k]).mean(axis=1)
+            part = np.partition(g, k - 1, axis=1)[:, :k]
+            dist[i : i + block] = np.sqrt(np.maximum(part + zz[:, None], 0.0)).mean(axis=1)
     return dist, index
 
 
@@ -228,12 +241,21 @@ def coreset(projected: np.ndarray, size: int, random_state: int | None, dims: in
     x = projected.astype(np.float32)
     if d > dims:
         x = x @ (rng.standard_normal((d, dims)).astype(np.float32) / np.sqrt(dims))
+    x = np.ascontiguousarray(x)
     chosen = np.empty(size, dtype=np.int64)
     chosen[0] = rng.integers(n)
-    nearest = ((x - x[chosen[0]]) ** 2).sum(1)
+    # |x - c|^2 = |x|^2 + |c|^2 - 2 x.c: one matrix-vector product per step reads x once
+    xx = (x * x).sum(1)
+    nearest = np.maximum(xx + xx[chosen[0]] - 2.0 * (x @ x[chosen[0]]), 0.0)
+    step = np.empty(n, dtype=np.float32)
     for i in range(1, size):
-        chosen[i] = int(nearest.argmax())
-        np.minimum(nearest, ((x - x[chosen[i]]) ** 2).sum(1), out=nearest)
+        c = int(nearest.argmax())
+        chosen[i] = c
+        np.matmul(x, x[c], out=step)
+        step *= -2.0
+        step += xx
+        step += xx[c]
+        np.minimum(nearest, step, out=nearest)
     return np.ascontiguousarray(projected[np.sort(chosen)], dtype=np.float32)
 
 
