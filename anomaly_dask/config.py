@@ -232,6 +232,11 @@ PARAMS: tuple[Param, ...] = (
           nullable=True, shown="backbone default", metavar="STAGE"),
     Param("upsample", 2, "int", "choice", "dense mode: magnification before the backbone (1, 2 or 4)",
           choices=(1, 2, 4)),
+    Param("gain_radius", 0, "int", "int",
+          "half-width in px of the box whose mean brightness each pixel is divided by before the "
+          "backbone: takes out survey-line gain, range fall-off and uneven lighting, keeps texture "
+          "and objects smaller than the box; 0 keeps raw intensities",
+          low=0, high=1024),
     Param("patch_size", 320, "int", "int", "patch mode: network input size per tile (the seed's 320)",
           low=32),
     Param("chunk_size", 1024, "int", "int", "processing chunk in px (a multiple of the stride)",

@@ -83,6 +83,7 @@ class AnomalyDetector:
         weights: str | None = "imagenet",
         layers: Sequence[str] | None = None,
         upsample: int = 2,
+        gain_radius: int = 0,
         patch_size: int = 320,
         chunk_size: int = 1024,
         max_fit_tiles: int = 100_000,
@@ -217,7 +218,7 @@ class AnomalyDetector:
         import torch
 
         backbone = fold_batchnorm(self.backbone_).to(self._device(s), memory_format=torch.channels_last)
-        return Extractor(backbone, self._feature_config(s), self.intensity_, s["nodata"])
+        return Extractor(backbone, self._feature_config(s), self.intensity_, s["nodata"], gain_radius=s["gain_radius"])
 
     # ------------------------------------------------------------------ training
 

@@ -16,7 +16,14 @@ from .errors import ImageReadError
 if TYPE_CHECKING:
     from .io.base import ImageSource
 
-__all__ = ["Intensity", "fit_intensity", "mirror_fill", "to_unit_rgb"]
+__all__ = ["GAIN_FLOOR", "GAIN_LEVEL", "Intensity", "fit_intensity", "flatten_gain", "local_mean", "mirror_fill", "to_unit_rgb"]
+
+#: Unit brightness a pixel whose surroundings are of average brightness gets from
+#: :func:`flatten_gain`.
+GAIN_LEVEL = 0.4
+#: Darkest local mean :func:`flatten_gain` divides by, so that black areas (shadows, the
+#: water column) are not amplified into noise.
+GAIN_FLOOR = 1.0 / 64.0
 
 
 @dataclass(frozen=True)
@@ -86,14 +93,91 @@ def mirror_fill(x: np.ndarray, valid: np.ndarray, reach: int, fill: float) -> np
     return x
 
 
+def local_mean(values: np.ndarray, valid: np.ndarray | None, radius: int) -> np.ndarray:
+    """Mean of the valid values in the ``(2 radius + 1)^2`` box around each pixel.
+
+    The box is cut at the array's border; a pixel whose box holds no valid value gets NaN.
+    Sums are taken over summed-area tables in float64, so the result at a pixel depends only
+    on the values within ``radius`` of it (up to rounding), wherever the array starts.
+
+    Parameters
+    ----------
+    values : ndarray (h, w)
+        Values (ignored where ``valid`` is False).
+    valid : ndarray of bool (h, w) or None
+        Pixels that count; None when all do.
+    radius : int
+        Half-width of the box, pixels (>= 1).
+
+    Returns
+    -------
+    ndarray of float64 (h, w)
+    """
+    h, w = values.shape
+    v = values.astype(np.float64)
+    weight = np.ones((h, w), dtype=np.float64) if valid is None else valid.astype(np.float64)
+    if valid is not None:
+        v = np.where(valid, v, 0.0)
+
+    def box(a: np.ndarray) -> np.ndarray:
+        table = np.zeros((h + 1, w + 1), dtype=np.float64)
+        np.cumsum(np.cumsum(a, axis=0), axis=1, out=table[1:, 1:])
+        ys, xs = np.arange(h), np.arange(w)
+        lo_y, hi_y = np.maximum(ys - radius, 0), np.minimum(ys + radius + 1, h)
+        lo_x, hi_x = np.maximum(xs - radius, 0), np.minimum(xs + radius + 1, w)
+        return (table[np.ix_(hi_y, hi_x)] - table[np.ix_(lo_y, hi_x)]
+                - table[np.ix_(hi_y, lo_x)] + table[np.ix_(lo_y, lo_x)])
+
+    count = box(weight)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0.5, box(v) / count, np.nan)
+
+
+def flatten_gain(x: np.ndarray, valid: np.ndarray | None, radius: int) -> np.ndarray:
+    """Divide every pixel by the mean brightness of the valid pixels around it, in place.
+
+    The brightness of a pixel is the mean of its bands; each pixel is scaled by
+    ``GAIN_LEVEL / max(local mean, GAIN_FLOOR)`` (the local mean over the
+    ``(2 radius + 1)^2`` box, :func:`local_mean`) and clipped to ``[0, 1]``. What is left is
+    contrast relative to the surroundings: slow changes of brightness (a survey line's gain,
+    range fall-off, the bright band beside a sonar's nadir, uneven lighting) are taken out,
+    texture and objects smaller than the box are kept. Pixels with no valid pixel in their
+    box are left as they are.
+
+    Parameters
+    ----------
+    x : ndarray (h, w, c)
+        Unit intensities; changed in place.
+    valid : ndarray of bool (h, w) or None
+        Pixels that count towards the means; None when all do.
+    radius : int
+        Half-width of the box, pixels (>= 1).
+
+    Returns
+    -------
+    ndarray
+        ``x``.
+    """
+    mean = local_mean(x.mean(axis=2), valid, radius)
+    gain = GAIN_LEVEL / np.maximum(np.nan_to_num(mean, nan=GAIN_LEVEL), GAIN_FLOOR)
+    np.multiply(x, gain.astype(np.float32)[:, :, None], out=x)
+    np.clip(x, 0.0, 1.0, out=x)
+    return x
+
+
 def to_unit_rgb(
-    raw: np.ndarray, intensity: Intensity, valid: np.ndarray | None = None, mirror: int = 0
+    raw: np.ndarray,
+    intensity: Intensity,
+    valid: np.ndarray | None = None,
+    mirror: int = 0,
+    gain_radius: int = 0,
 ) -> np.ndarray:
     """Map raw pixels (h, w, 1 or 3) to float32 RGB in ``[0, 1]`` as the model sees them.
 
-    NaN becomes 0. Pixels where ``valid`` is False become ``intensity.fill``, or with
-    ``mirror > 0`` the data mirrored across the nearest edge up to that many pixels from it
-    (:func:`mirror_fill`).
+    NaN becomes 0. With ``gain_radius > 0`` the gain is flattened (:func:`flatten_gain`).
+    Pixels where ``valid`` is False then become the fill value (``intensity.fill``, or
+    :data:`GAIN_LEVEL` when the gain is flattened), or with ``mirror > 0`` the data mirrored
+    across the nearest edge up to that many pixels from it (:func:`mirror_fill`).
 
     Parameters
     ----------
@@ -104,7 +188,11 @@ def to_unit_rgb(
     valid : ndarray of bool (h, w), optional
         Pixels that hold data; None when all do.
     mirror : int
-        Reach of the mirrored fill in pixels; 0 fills with ``intensity.fill``.
+        Reach of the mirrored fill in pixels; 0 fills with the fill value.
+    gain_radius : int
+        Half-width in pixels of the box each pixel's brightness is divided by; 0 keeps the
+        intensities as mapped. Only pixels at least this far from the array's border get
+        what they would get in a larger array.
 
     Returns
     -------
@@ -114,11 +202,15 @@ def to_unit_rgb(
     x = raw.astype(np.float32)
     scale = 1.0 / max(intensity.high - intensity.low, 1e-12)
     x = np.nan_to_num(np.clip((x - intensity.low) * scale, 0.0, 1.0), nan=0.0)
+    fill = intensity.fill
+    if gain_radius > 0:
+        flatten_gain(x, valid, gain_radius)
+        fill = GAIN_LEVEL
     if valid is not None:
         if mirror > 0:
-            mirror_fill(x, valid, mirror, intensity.fill)
+            mirror_fill(x, valid, mirror, fill)
         else:
-            x[~valid] = intensity.fill
+            x[~valid] = fill
     if intensity.gray and x.shape[2] == 3:
         x = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[:, :, None]
     if x.shape[2] == 1:

@@ -88,6 +88,11 @@ class Extractor:
     min_valid : float
         Tiles with a smaller fraction of valid pixels are left out of training and
         validation, and weigh nothing in a valid pixel's score.
+    mirror : int
+        Reach of the mirrored no-data fill, pixels.
+    gain_radius : int
+        Half-width of the box each pixel's brightness is divided by before the backbone
+        (:func:`~anomaly_dask.intensity.flatten_gain`); 0 leaves intensities as mapped.
     """
 
     backbone: Any
@@ -96,16 +101,17 @@ class Extractor:
     nodata: float | None = None
     min_valid: float = 0.5
     mirror: int = MIRROR_REACH
+    gain_radius: int = 0
 
     def _read(
         self, unit: Unit, rows: tuple[int, int], cols: tuple[int, int]
     ) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int]]:
-        """Raw window for tiles ``rows x cols`` plus ``2 * mirror`` px on every side."""
+        """Raw window for tiles ``rows x cols`` plus ``2 * mirror + gain_radius`` px on every side."""
         g = unit.grid
         lattice, halo = self.config.lattice(self.backbone), self.config.halo(self.backbone)
         y0, y1, oy = _axis_window(*rows, g.stride_h, g.tile_h, halo, lattice)
         x0, x1, ox = _axis_window(*cols, g.stride_w, g.tile_w, halo, lattice)
-        m = 2 * self.mirror
+        m = 2 * self.mirror + self.gain_radius
         return read_window(unit.source, y0 - m, y1 + m, x0 - m, x1 + m), (y0, y1, x0, x1), (oy, ox)
 
     def edge_reach(self, grid: TileGrid) -> int:
@@ -131,25 +137,26 @@ class Extractor:
         valid_fraction : ndarray (r, c) or None
             Share of valid pixels per tile; None when the window holds no no-data.
         raw : ndarray (h, w, channels)
-            The raw window read: the tiles plus the backbone's halo, plus ``2 * mirror``
-            pixels for the no-data fill.
+            The raw window: the tiles plus the backbone's halo, plus ``2 * mirror`` pixels
+            for the no-data fill (the gain's margin, also read, is not returned).
         origin : (int, int)
             Image position of ``raw[0, 0]``.
         """
-        wide, (y0, y1, x0, x1), offset = self._read(unit, rows, cols)
+        read, (y0, y1, x0, x1), offset = self._read(unit, rows, cols)
         n = (rows[1] - rows[0], cols[1] - cols[0])
-        m = 2 * self.mirror
+        r, m = self.gain_radius, 2 * self.mirror
+        # the gain is flattened on the whole read, no-data filled on it less the gain's margin,
+        # so that what a pixel gets does not depend on the chunk
+        wide = read[r : read.shape[0] - r, r : read.shape[1] - r]
         crop = (slice(m, m + y1 - y0), slice(m, m + x1 - x0))
-        raw = wide[crop]
-        wide_valid = valid_pixels(wide, self.nodata if self.nodata is not None else unit.source.nodata)
+        inner = (slice(r + m, r + m + y1 - y0), slice(r + m, r + m + x1 - x0))
+        read_valid = valid_pixels(read, self.nodata if self.nodata is not None else unit.source.nodata)
         fraction = None
-        if wide_valid is None:
-            pixels = to_unit_rgb(raw, self.intensity)
+        if read_valid is None:
+            pixels = to_unit_rgb(read, self.intensity, gain_radius=r)[inner] if r else to_unit_rgb(wide[crop], self.intensity)
         else:
-            # fill on the wider window, so that what a pixel gets does not depend on the chunk
-            pixels = to_unit_rgb(wide, self.intensity, wide_valid, self.mirror)[crop]
-            valid = wide_valid[crop]
-            fraction = tile_fractions(valid, offset, n, unit.grid)
+            pixels = to_unit_rgb(read, self.intensity, read_valid, self.mirror, r)[inner]
+            fraction = tile_fractions(read_valid[inner], offset, n, unit.grid)
         feats = tile_features(self.backbone, self.config, pixels, offset, n, unit.grid)
         return feats, fraction, wide, (y0 - m, x0 - m)
 

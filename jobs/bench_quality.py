@@ -113,6 +113,22 @@ SONAR_CASES: dict[str, dict[str, Any]] = {
                    ripple_strength=0.4, speckle_looks=2.0),
         seed=3050, n_train=1,
     ),
+    # added after the defaults were chosen, to check them on settings nobody tuned on
+    "sonar_mid_nadir_u16": dict(
+        scene=dict(site=401, dtype="uint16", nadir_width=[10.0, 40.0], swath_halfwidth=450.0,
+                   line_spacing=880.0, ripple_wavelength=15.0, speckle_looks=0.8),
+        seed=4010, n_train=2,
+    ),
+    "sonar_strong_ripples": dict(
+        scene=dict(site=402, ripple_strength=0.7, ripple_wavelength=30.0, nadir_width=[5.0, 25.0],
+                   swath_halfwidth=350.0, line_spacing=640.0),
+        seed=4020, n_train=2,
+    ),
+    "sonar_wide_swaths_u16": dict(
+        scene=dict(site=403, dtype="uint16", speckle_looks=1.5, ripple_strength=0.3,
+                   swath_halfwidth=600.0, line_spacing=1150.0, nadir_width=[30.0, 55.0]),
+        seed=4030, n_train=1,
+    ),
 }
 
 PEER_METHODS = tuple(peers.PEERS)

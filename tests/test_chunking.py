@@ -18,8 +18,9 @@ from .conftest import FAST, texture
         dict(backbone="efficientnet_lite0", upsample=1, weights="imagenet"),
         dict(backbone="resnet18", upsample=1, tile=24, stride=6),
         dict(features="patch", patch_size=64, stride=16),
+        dict(backbone="efficientnet_lite0", upsample=2, gain_radius=24),
     ],
-    ids=["effnet-up2", "effnet-imagenet-up1", "resnet18-tile24", "patch"],
+    ids=["effnet-up2", "effnet-imagenet-up1", "resnet18-tile24", "patch", "effnet-gain24"],
 )
 def test_chunked_equals_unchunked(kwargs):
     train = [texture(160, 176, 1), texture(150, 150, 2)]
@@ -48,11 +49,12 @@ def _with_nodata(image: np.ndarray, seed: int) -> np.ndarray:
     return out
 
 
-def test_chunked_equals_unchunked_near_nodata():
+@pytest.mark.parametrize("gain_radius", [0, 24])
+def test_chunked_equals_unchunked_near_nodata(gain_radius):
     """Edge handling (scores borrowed from covered pixels, calibration groups by distance
-    to no-data) is chunk-free."""
+    to no-data, gain flattening over valid pixels) is chunk-free."""
     train = [_with_nodata(texture(220, 240, 1), 1), _with_nodata(texture(200, 200, 2), 2)]
-    ad = AnomalyDetector(**FAST).train(train[0], train[1])
+    ad = AnomalyDetector(**FAST, gain_radius=gain_radius).train(train[0], train[1])
     # a calibration group per distance class, whatever validation gave (too few pixels here)
     cal = ad.dictionary_.calibration
     assert len(cal.distance_edges)
