@@ -283,8 +283,12 @@ class Calibration:
         k0, k1 = self.knots.ravel()[j], self.knots.ravel()[j + 1]
         v0, v1 = self.values.ravel()[j], self.values.ravel()[j + 1]
         t = np.clip((inside - k0) / (k1 - k0), 0.0, 1.0)
-        beyond = np.maximum(s - hi, 0.0)
-        return v0 + t * (v1 - v0) + _tail_value(beyond, self.tail_shape[g], self.tail_scale[g])
+        out = v0 + t * (v1 - v0)
+        past = np.flatnonzero(s > hi)  # the tail adds nothing at or below the last knot
+        if past.size:
+            gp = g[past]
+            out[past] += _tail_value(s[past] - hi[past], self.tail_shape[gp], self.tail_scale[gp])
+        return out
 
     def apply(self, scores: np.ndarray, labels: np.ndarray, distance: np.ndarray | None) -> np.ndarray:
         """Calibrated scores (``-log10`` p-values, float32) of raw pixel scores.

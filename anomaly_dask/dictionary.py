@@ -289,10 +289,20 @@ def fit_projection(sample: np.ndarray, variance: float, random_state: int | None
     )
 
 
+#: Rows of the projected sample the seeding k-means restarts run on, at least and per
+#: cluster (see :func:`init_kmeans`).
+SEED_ROWS = 20_000
+SEED_ROWS_PER_CLUSTER = 200
+
+
 def init_kmeans(
     projected: np.ndarray, n_clusters: int, n_init: int, random_state: int | None, batch_size: int
 ) -> MiniBatchKMeans:
     """Seed a MiniBatchKMeans from k-means (``n_init`` restarts) on a projected sample.
+
+    The restarts run on a random subset of at most ``max(SEED_ROWS, SEED_ROWS_PER_CLUSTER *
+    n_clusters)`` rows, which bounds the seeding's time whatever the sample's size; the
+    streamed ``partial_fit`` that follows sees every row.
 
     Returns
     -------
@@ -301,7 +311,12 @@ def init_kmeans(
         best k-means solution.
     """
     k = min(n_clusters, len(projected))
-    seed = KMeans(n_clusters=k, n_init=n_init, random_state=random_state).fit(projected)
+    rows = min(len(projected), max(SEED_ROWS, SEED_ROWS_PER_CLUSTER * k))
+    subset = projected
+    if rows < len(projected):
+        pick = np.random.default_rng(random_state).choice(len(projected), rows, replace=False)
+        subset = projected[np.sort(pick)]
+    seed = KMeans(n_clusters=k, n_init=n_init, random_state=random_state).fit(subset)
     mbk = MiniBatchKMeans(
         n_clusters=k,
         init=seed.cluster_centers_,

@@ -63,3 +63,31 @@ def test_coreset_keeps_rare_appearance_that_random_sampling_misses():
     random_pick = x[rng.choice(len(x), 200, replace=False)]
     assert (random_pick.mean(axis=1) > 6).sum() <= 3
     assert coreset(x[:50], 200, random_state=0).shape == (50, 40)  # fewer rows than asked: all
+
+
+def test_kmeans_seeding_runs_on_a_bounded_subset(monkeypatch):
+    """The restarts see at most max(SEED_ROWS, SEED_ROWS_PER_CLUSTER * k) rows; partial_fit
+    then starts from their solution."""
+    import anomaly_dask.dictionary as dictionary_module
+
+    seen: list[int] = []
+    real = dictionary_module.KMeans
+
+    class Recording(real):
+        def fit(self, x, *args, **kwargs):
+            seen.append(len(x))
+            return super().fit(x, *args, **kwargs)
+
+    monkeypatch.setattr(dictionary_module, "KMeans", Recording)
+    monkeypatch.setattr(dictionary_module, "SEED_ROWS", 500)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 4)) * 10
+    x = (centres[rng.integers(0, 3, 5000)] + rng.normal(size=(5000, 4))).astype(np.float32)
+    mbk = dictionary_module.init_kmeans(x, 3, 2, 0, 256)
+    assert seen == [600]  # 200 rows per cluster beat SEED_ROWS here
+    # the seed still finds the three groups
+    found = np.sort(np.linalg.norm(mbk.cluster_centers_[:, None] - centres[None], axis=2).min(axis=0))
+    assert found.max() < 1.0
+    seen.clear()
+    dictionary_module.init_kmeans(x, 20, 1, 0, 256)  # 200 rows per cluster: 4000
+    assert seen == [4000]

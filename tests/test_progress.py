@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from anomaly_dask import AnomalyDetector
+from anomaly_dask.scoring import Extractor
 
 from .conftest import FAST
 
@@ -37,12 +41,25 @@ def test_train_reports_every_pass(small_folder: Path):
     assert totals["calibrate"] > 1
 
 
-def test_train_reports_the_second_pass_over_every_chunk(small_folder: Path):
-    """When the feature sample cannot hold every tile, the fit pass reads each chunk again."""
+@pytest.mark.parametrize("max_fit_tiles", [100_000, 300])
+def test_training_runs_the_backbone_once_per_chunk(small_folder: Path, monkeypatch, max_fit_tiles):
+    """One backbone pass over the training chunks and one over the validation chunks,
+    whether or not the feature sample holds every tile."""
+    calls: Counter = Counter()
+    features = Extractor.features
+
+    def counted(self, unit, rows, cols):
+        calls[(unit.source.name, unit.window.y0, unit.window.x0)] += 1
+        return features(self, unit, rows, cols)
+
+    monkeypatch.setattr(Extractor, "features", counted)
     updates: list[tuple[str, int, int]] = []
-    AnomalyDetector(**FAST, chunk_size=64, max_fit_tiles=300).train(
+    AnomalyDetector(**FAST, chunk_size=64, max_fit_tiles=max_fit_tiles).train(
         str(small_folder / "train"), str(small_folder / "val"),
         progress=lambda *u: updates.append(u),
     )
     totals = _check_steps(updates)
     assert list(totals) == ["sample", "fit", "calibrate"]
+    assert totals["sample"] == totals["fit"]
+    assert len(calls) == totals["sample"] + totals["calibrate"]  # every chunk was read ...
+    assert set(calls.values()) == {1}  # ... once

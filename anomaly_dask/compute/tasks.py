@@ -117,9 +117,9 @@ def fit_model(
     """Fit the dictionary on ``train_units`` and sample raw pixel scores of ``val_units``
     for its calibration, in one flow on one cluster.
 
-    The extractor is sent to the workers once; the dictionary once for the second
-    training pass (only when the sample did not hold every tile) and once, complete, for
-    the calibration sample. Nothing sent is changed afterwards.
+    The backbone runs once over the training chunks and once over the validation chunks.
+    The extractor is sent to the workers once, and the dictionary once, complete, for the
+    calibration sample. Nothing sent is changed afterwards.
 
     Parameters
     ----------
@@ -156,12 +156,6 @@ def fit_model(
 def _sample_task(extractor: Extractor, unit: Unit, n: int, seed: int) -> np.ndarray:
     set_torch_threads()
     return subsample(extractor.owned(unit), n, seed)
-
-
-def _project_task(extractor: Extractor, dictionary: Dictionary, unit: Unit, seed: int) -> np.ndarray:
-    set_torch_threads()
-    z = dictionary.transform(extractor.owned(unit))
-    return z[np.random.default_rng(seed).permutation(len(z))]
 
 
 def _pixel_sample_task(
@@ -295,12 +289,14 @@ def train_dictionary(
     batch_size: int = 4096,
     progress: Progress | None = None,
 ) -> Dictionary:
-    """Fit PCA, scaler and MiniBatchKMeans on the tiles of ``units``, streaming chunk results.
+    """Fit PCA, scaler and MiniBatchKMeans on the tiles of ``units`` in one backbone pass.
 
-    Memory is bounded by ``max_fit_tiles`` feature rows whatever the number of units: PCA is
-    fitted on a random sample of at most that many tiles; k-means is seeded on the projected
-    sample and refined by ``partial_fit`` on every chunk's projected tiles, in shuffled
-    order. When the sample already holds every training tile the second pass reuses it.
+    Memory is bounded by ``max_fit_tiles`` feature rows whatever the number of units: every
+    unit contributes an equal share of random tiles (all of them when every training tile
+    fits), streamed from the workers in one pass. PCA is fitted on that sample, k-means is
+    seeded on a bounded subset of it (:func:`~anomaly_dask.dictionary.init_kmeans`) and
+    refined by ``partial_fit`` over it chunk by chunk, in shuffled order, and the coreset
+    memory is chosen from it.
 
     Parameters
     ----------
@@ -320,7 +316,7 @@ def train_dictionary(
     batch_size : int
         Rows per ``partial_fit`` call.
     progress : callable, optional
-        Told of the ``"sample"`` and ``"fit"`` passes (see :func:`fit_model`).
+        Told of the ``"sample"`` and ``"fit"`` steps (see :func:`fit_model`).
     """
     rng = np.random.default_rng(random_state)
     order = [units[i] for i in rng.permutation(len(units))]
@@ -328,11 +324,9 @@ def train_dictionary(
         (u.window.own_rows[1] - u.window.own_rows[0]) * (u.window.own_cols[1] - u.window.own_cols[0])
         for u in order
     )
-    complete = total <= max_fit_tiles
-    sample_units = order if complete else order[: min(len(order), 256)]
-    per_unit = max_fit_tiles if complete else max(1, max_fit_tiles // len(sample_units))
+    per_unit = max_fit_tiles if total <= max_fit_tiles else max(1, max_fit_tiles // len(order))
     seeds = rng.integers(0, 2**31, size=(len(order), 2))
-    jobs = [(extractor, u, per_unit, int(seeds[i, 0])) for i, u in enumerate(sample_units)]
+    jobs = [(extractor, u, per_unit, int(seeds[i, 0])) for i, u in enumerate(order)]
     stream = _stream(client, _sample_task, jobs, _in_flight(client), ordered=True)
     sample_parts = list(_counted(stream, progress, "sample", len(jobs)))
     sample = np.concatenate(sample_parts)
@@ -345,15 +339,8 @@ def train_dictionary(
         dictionary = dataclasses.replace(dictionary, memory=coreset(projected, memory_size, random_state))
         log.info("coreset memory of %d of %d sampled tiles", len(dictionary.memory), len(projected))
     del sample, projected
-    if complete:
-        parts: Iterable[np.ndarray] = (dictionary.transform(p) for p in sample_parts)
-    else:
-        sample_parts.clear()
-        (dict_future,) = scatter(client, dictionary)
-        jobs2 = [(extractor, dict_future, u, int(seeds[i, 1])) for i, u in enumerate(order)]
-        parts = _stream(client, _project_task, jobs2, _in_flight(client), ordered=True)
-    n_parts = len(sample_parts) if complete else len(order)
-    for z in _counted(parts, progress, "fit", n_parts):
+    parts: Iterable[np.ndarray] = (dictionary.transform(p) for p in sample_parts)
+    for z in _counted(parts, progress, "fit", len(sample_parts)):
         for k in range(0, len(z), batch_size):
             batch = z[k : k + batch_size]
             if len(batch) >= mbk.n_clusters:
