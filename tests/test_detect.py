@@ -73,7 +73,8 @@ def test_pixels_near_nodata_are_calibrated_against_their_own_kind(sonar, tmp_pat
 
     for name, seed in (("train", 11), ("val", 12)):
         write_tiff(str(tmp_path / f"{name}.tif"), SonarScene(1024, 1024, seed=seed, n_objects=0))
-    kw = {**FAST, "weights": "imagenet", "kmeans_clusters": 16, "chunk_size": 512, "false_alarm_rate": 0.01}
+    kw = {**FAST, "weights": "imagenet", "kmeans_clusters": 16, "chunk_size": 512, "false_alarm_rate": 0.01,
+          "runtime": "auto"}  # OpenVINO where installed: 1 Mpx mosaics, converted once
     ad, pooled = (
         AnomalyDetector(**kw, calibration_groups=g).train(str(tmp_path / "train.tif"), str(tmp_path / "val.tif"))
         for g in ("distance", "global")
@@ -167,7 +168,7 @@ def test_outputs_to_s3(sonar, s3):
 CHILD = """
 import sys
 from anomaly_dask import AnomalyDetector
-ad = AnomalyDetector.load(sys.argv[1], chunk_size=96, verbose=0)
+ad = AnomalyDetector.load(sys.argv[1], chunk_size=96, verbose=0, runtime="torch")
 ad.detect(sys.argv[2], sys.argv[3], quicklook=False)
 """
 
@@ -190,7 +191,7 @@ def test_killed_run_resumes_without_recomputing(sonar, tmp_path):
     total = 6 * 7  # 520 x 610 px in 96 px chunks
     assert 3 <= n_before < total
     assert zarr.open_group(str(killed), mode="r").attrs["complete"] is False
-    ad = AnomalyDetector.load(model, chunk_size=96, verbose=0)
+    ad = AnomalyDetector.load(model, chunk_size=96, verbose=0, runtime="torch")
     resumed = ad.detect(image, str(killed), quicklook=False)
     assert resumed["computed_chunks"] == total - n_before
     full = ad.detect(image, str(clean), quicklook=False)
