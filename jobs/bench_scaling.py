@@ -5,11 +5,13 @@ GeoTIFF) and a quickly trained model, then runs ``detect`` on the same mosaic on
 LocalCluster of 1 worker and of 2 workers (processes, 1 task thread each, ``--torch-threads``
 torch threads per task), and prints both throughputs and the scaling efficiency
 ``T2 / (2 * T1)`` (1.0 is perfect, T = megapixels per second). Each cluster first scores a
-small warm-up image (model transfer, first forward pass) that is not timed.
+small warm-up image of 16 chunks (model transfer, first forward pass and, with OpenVINO,
+the conversion in every worker) that is not timed.
 
 Usage::
 
-    python jobs/bench_scaling.py [--size 2048] [--chunk-size 512] [--torch-threads 1] [--workdir bench_scaling]
+    python jobs/bench_scaling.py [--size 2048] [--chunk-size 512] [--torch-threads 1] [--runtime auto]
+        [--workdir bench_scaling]
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--weights", default="imagenet", help="imagenet or none (random)")
+    p.add_argument("--runtime", default="auto", help="what runs the trunk: auto, torch or openvino")
     p.add_argument("--workdir", type=Path, default=Path("bench_scaling"))
     args = p.parse_args()
     wd = args.workdir
     wd.mkdir(parents=True, exist_ok=True)
     mosaic, train, warm = wd / "mosaic.tif", wd / "train.tif", wd / "warmup.tif"
     if not warm.exists():
-        write_tiff(str(warm), SonarScene(2 * args.chunk_size, 2 * args.chunk_size, seed=9))
+        write_tiff(str(warm), SonarScene(4 * args.chunk_size, 4 * args.chunk_size, seed=9))
     if not mosaic.exists():
         write_tiff(str(mosaic), SonarScene(args.size, args.size, seed=7))
     if not train.exists():
@@ -52,10 +55,11 @@ def main() -> None:
         out = wd / f"out_{n}.zarr"
         shutil.rmtree(out, ignore_errors=True)
         with connect(workers=n, threads_per_worker=1, torch_threads=args.torch_threads) as client:
-            ad = AnomalyDetector.load(str(model), client=client, chunk_size=args.chunk_size, verbose=0)
+            ad = AnomalyDetector.load(str(model), client=client, chunk_size=args.chunk_size, verbose=0,
+                                     runtime=args.runtime)
             shutil.rmtree(wd / "warmup.zarr", ignore_errors=True)
-            ad.detect(str(warm), str(wd / "warmup.zarr"), quicklook=False)
-            s = ad.detect(str(mosaic), str(out), quicklook=False)
+            ad.detect(str(warm), str(wd / "warmup.zarr"), quicklook=False, overwrite=True)
+            s = ad.detect(str(mosaic), str(out), quicklook=False, overwrite=True)  # its own workdir
         rates[n] = s["megapixels_per_second"]
         print(f"{n} worker(s) x 1 thread ({args.torch_threads} torch threads): {s['chunks']} chunks, "
               f"{s['seconds']:.1f} s, {rates[n]:.3f} Mpx/s", flush=True)
