@@ -325,6 +325,8 @@ def train_dictionary(
         for u in order
     )
     per_unit = max_fit_tiles if total <= max_fit_tiles else max(1, max_fit_tiles // len(order))
+    # two seeds per unit are drawn, as when training had a second pass, so that models of
+    # training sets that fit the sample stay as they were; only the first is used
     seeds = rng.integers(0, 2**31, size=(len(order), 2))
     jobs = [(extractor, u, per_unit, int(seeds[i, 0])) for i, u in enumerate(order)]
     stream = _stream(client, _sample_task, jobs, _in_flight(client), ordered=True)
