@@ -131,7 +131,7 @@ def detect_image(
     """Body of :meth:`AnomalyDetector.detect <anomaly_dask.detector.AnomalyDetector.detect>`."""
     from . import export
     from . import store as out_store
-    from .grid import regular_windows
+    from .grid import chunk_windows
     from .lease import StoreLease
     from .store_checks import read_group_attrs
 
@@ -190,7 +190,7 @@ def detect_image(
             "threshold": det.threshold_, "false_alarm_rate": det.false_alarm_rate_,
         })
         done, drawn = store.done_chunks(), store.rendered_chunks(rendering.id)
-        windows = regular_windows(grid, chunk)
+        windows = chunk_windows(grid, chunk)
         units = {(iy, ix): Unit(source, grid, w) for iy, row in enumerate(windows) for ix, w in enumerate(row)}
         jobs = [(u, idx) for idx, u in units.items() if idx not in done]
         redraws = [(u, idx) for idx, u in units.items() if idx in done and idx not in drawn]

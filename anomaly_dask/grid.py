@@ -26,8 +26,8 @@ __all__ = [
     "masked_box_mean",
     "nearest_tiles",
     "nodata_distance",
+    "owns_tiles",
     "pixel_scores_from_tiles",
-    "regular_windows",
     "tile_fractions",
     "tiles_covering",
 ]
@@ -99,8 +99,8 @@ class Window:
         return (self.y1 - self.y0, self.x1 - self.x0)
 
 
-def axis_chunks(length: int, chunk: int, stride: int, tile: int) -> list[tuple[int, int]]:
-    """Split one image axis into chunks whose starts are multiples of ``stride``.
+def axis_chunks(length: int, chunk: int, stride: int) -> list[tuple[int, int]]:
+    """Split one image axis into chunks of ``chunk`` pixels, rounded to a multiple of ``stride``.
 
     Parameters
     ----------
@@ -108,23 +108,23 @@ def axis_chunks(length: int, chunk: int, stride: int, tile: int) -> list[tuple[i
         Image size along the axis.
     chunk : int
         Wanted chunk size; rounded down to a multiple of ``stride`` (at least ``stride``).
-    stride, tile : int
-        Tile stride and size along the axis.
+    stride : int
+        Tile stride along the axis.
 
     Returns
     -------
     list of (start, stop)
-        Contiguous chunks covering ``[0, length)``. A last chunk that would own no tile
-        (shorter than the remaining tile overhang) or is shorter than a tile is merged into
-        its neighbour, so every chunk owns at least one tile.
+        Contiguous chunks covering ``[0, length)``, every start a multiple of the step; the
+        last one holds the remainder. These are the chunks of an output store.
     """
     step = max(stride, (chunk // stride) * stride)
-    starts = list(range(0, length, step))
-    last_tile_start = ((length - tile) // stride) * stride
-    # Drop chunk starts that own no tile or leave a sliver shorter than a tile.
-    starts = [s for s in starts if s == 0 or (s <= last_tile_start and length - s >= tile)]
-    bounds = starts + [length]
-    return [(bounds[k], bounds[k + 1]) for k in range(len(starts))]
+    return [(a, min(a + step, length)) for a in range(0, length, step)]
+
+
+def _own_range(p0: int, p1: int, stride: int, n: int) -> tuple[int, int]:
+    """Tiles whose top-left corner lies in ``[p0, p1)`` (empty past the last tile)."""
+    lo, hi = min(n, -(-p0 // stride)), min(n, -(-p1 // stride))
+    return (lo, hi)
 
 
 def _cover_range(p0: int, p1: int, tile: int, stride: int, n: int) -> tuple[int, int]:
@@ -146,65 +146,43 @@ def tiles_covering(
 
 
 def chunk_windows(grid: TileGrid, chunk: int) -> list[list[Window]]:
-    """Cut ``grid``'s image into chunks of about ``chunk`` pixels a side.
+    """Cut ``grid``'s image into chunks of ``chunk`` pixels a side: the one chunking of
+    training, scoring and output stores.
 
     Parameters
     ----------
     grid : TileGrid
         The image's tile grid.
     chunk : int
-        Wanted chunk size in pixels.
+        Chunk size in pixels (rounded down to a multiple of the stride on each axis).
 
     Returns
     -------
     list of list of Window
-        Row-major chunks; every chunk owns at least one tile.
+        Row-major chunks; the last row and column hold the remainder. Every tile is owned by
+        exactly one chunk; a chunk past the last tile's corner owns none (it is still
+        scored, by the tiles covering it).
     """
-    ys = axis_chunks(grid.height, chunk, grid.stride_h, grid.tile_h)
-    xs = axis_chunks(grid.width, chunk, grid.stride_w, grid.tile_w)
-
-    def own(p0: int, p1: int, stride: int, n: int, last: bool) -> tuple[int, int]:
-        return (p0 // stride, n if last else min(n, -(-p1 // stride)))
-
-    rows = []
-    for iy, (y0, y1) in enumerate(ys):
-        row = []
-        for ix, (x0, x1) in enumerate(xs):
-            row.append(
-                Window(
-                    y0, y1, x0, x1,
-                    own_rows=own(y0, y1, grid.stride_h, grid.n_rows, iy == len(ys) - 1),
-                    own_cols=own(x0, x1, grid.stride_w, grid.n_cols, ix == len(xs) - 1),
-                    cover_rows=_cover_range(y0, y1, grid.tile_h, grid.stride_h, grid.n_rows),
-                    cover_cols=_cover_range(x0, x1, grid.tile_w, grid.stride_w, grid.n_cols),
-                )
-            )
-        rows.append(row)
-    return rows
-
-
-def regular_windows(grid: TileGrid, chunk: int) -> list[list[Window]]:
-    """Windows on a regular grid of ``chunk`` px (the last row/column holds the remainder).
-
-    Matches the chunks of an output store; used for scoring only (a window past the last
-    tile owns no tile but is still covered by the nearest ones).
-    """
-
-    def spans(length: int) -> list[tuple[int, int]]:
-        return [(a, min(a + chunk, length)) for a in range(0, length, chunk)]
-
+    ys = axis_chunks(grid.height, chunk, grid.stride_h)
+    xs = axis_chunks(grid.width, chunk, grid.stride_w)
     return [
         [
             Window(
                 y0, y1, x0, x1,
-                own_rows=(0, 0), own_cols=(0, 0),
+                own_rows=_own_range(y0, y1, grid.stride_h, grid.n_rows),
+                own_cols=_own_range(x0, x1, grid.stride_w, grid.n_cols),
                 cover_rows=_cover_range(y0, y1, grid.tile_h, grid.stride_h, grid.n_rows),
                 cover_cols=_cover_range(x0, x1, grid.tile_w, grid.stride_w, grid.n_cols),
             )
-            for x0, x1 in spans(grid.width)
+            for x0, x1 in xs
         ]
-        for y0, y1 in spans(grid.height)
+        for y0, y1 in ys
     ]
+
+
+def owns_tiles(window: Window) -> bool:
+    """Whether any tile's top-left corner lies in ``window``."""
+    return window.own_rows[1] > window.own_rows[0] and window.own_cols[1] > window.own_cols[0]
 
 
 def _axis_tile_span(p0: int, p1: int, tile: int, stride: int, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ from .grid import (
     masked_box_mean,
     nearest_tiles,
     nodata_distance,
+    owns_tiles,
     pixel_scores_from_tiles,
     tile_fractions,
     tiles_covering,
@@ -60,9 +61,10 @@ class Unit:
     window: Window
 
 
-def plan_units(source: ImageSource, grid: TileGrid, chunk: int) -> list[Unit]:
-    """All chunks of an image, row-major."""
-    return [Unit(source, grid, w) for row in chunk_windows(grid, chunk) for w in row]
+def plan_units(source: ImageSource, grid: TileGrid, chunk: int, owners: bool = False) -> list[Unit]:
+    """The chunks of an image, row-major: all of them, or (``owners=True``, for training)
+    only those that own tiles."""
+    return [Unit(source, grid, w) for row in chunk_windows(grid, chunk) for w in row if not owners or owns_tiles(w)]
 
 
 def _axis_window(

@@ -89,7 +89,7 @@ def split_units(det: AnomalyDetector, train: Any, val: Any, s: dict[str, Any], r
     if val is not None:
         val_sources = [det._open(f, s) for f in det._collect(val, s)]
         return (
-            [u for src, g in sources for u in plan_units(src, g, chunk)],
+            [u for src, g in sources for u in plan_units(src, g, chunk, owners=True)],
             [u for src, g in val_sources for u in plan_units(src, g, chunk)],
             [src for src, _ in sources],
         )
@@ -98,13 +98,13 @@ def split_units(det: AnomalyDetector, train: Any, val: Any, s: dict[str, Any], r
         perm = rng.permutation(len(sources))
         val_idx = set(perm[:n_val].tolist())
         log.info("no validation images given: %d of %d training images used for validation", n_val, len(sources))
-        tr = [u for i, (src, g) in enumerate(sources) if i not in val_idx for u in plan_units(src, g, chunk)]
+        tr = [u for i, (src, g) in enumerate(sources) if i not in val_idx for u in plan_units(src, g, chunk, owners=True)]
         va = [u for i, (src, g) in enumerate(sources) if i in val_idx for u in plan_units(src, g, chunk)]
         return tr, va, [src for src, _ in sources]
     # One image, no validation: split it by regions.
     src, g = sources[0]
     small = min(chunk, max(4 * max(g.tile_h, g.tile_w), min(src.height, src.width) // 4))
-    units = plan_units(src, g, small)
+    units = plan_units(src, g, small, owners=True)
     if len(units) < 2:
         raise ImageReadError(
             f"{src.name}: a single image of {src.height}x{src.width} px is too small to split "

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,7 +11,7 @@ import tifffile
 from anomaly_dask import cli
 from anomaly_dask.config import DEFAULTS
 
-from .conftest import REPO, texture
+from .conftest import texture
 
 
 def _run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -95,20 +93,18 @@ def test_bad_storage_option_is_one_line(capsys):
     assert code == 1 and err.strip() == "anomaly-dask: error: --storage-option 'oops' must look like KEY=VALUE"
 
 
-def test_unreachable_scheduler_fails_fast_with_one_line(fast_model, tmp_path):
+def test_unreachable_scheduler_fails_fast_with_one_line(fast_model, tmp_path, capsys):
     fast_model.save(str(tmp_path / "m.safetensors"))  # the model is checked before connecting
     tifffile.imwrite(tmp_path / "in.tif", texture(96, 112, 0))  # and so are the inputs
     port = _closed_port()
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "anomaly_dask.cli", "detect", str(tmp_path / "m.safetensors"),
-         str(tmp_path / "in.tif"), "--output", str(tmp_path / "out"),
-         "--scheduler", f"tcp://127.0.0.1:{port}", "--connect-timeout", "2"],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+    code, _, err = _run_main(
+        ["detect", str(tmp_path / "m.safetensors"), str(tmp_path / "in.tif"), "--output", str(tmp_path / "out"),
+         "--scheduler", f"tcp://127.0.0.1:{port}", "--connect-timeout", "2"], capsys,
     )
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert lines[0].startswith("anomaly-dask: error: cannot reach ")
     assert f"127.0.0.1:{port}" in lines[0]
     assert time.perf_counter() - t0 < 30

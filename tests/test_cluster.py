@@ -4,7 +4,9 @@ model travelling once per worker rather than with each task."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import os
 import shutil
 import signal
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 import zarr
 
-from anomaly_dask import AnomalyDetector, compute
+from anomaly_dask import AnomalyDetector, cli, compute
 from anomaly_dask.compute import check_environment, package_versions
 from anomaly_dask.datasets import SonarScene, write_tiff
 from anomaly_dask.errors import EnvironmentMismatchError
@@ -31,14 +33,18 @@ FAST = ["--weights", "none", "--kmeans-clusters", "8", "--kmeans-trials", "2", "
 CHUNK = ["--chunk-size", "128"]
 
 
-def _cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "anomaly_dask.cli", *args, "-q"], capture_output=True, text=True,
-        cwd=REPO, timeout=240, **kw,
-    )
+def _cli(*args: str, check: bool = True) -> tuple[int, str]:
+    """Run a command through the CLI's ``main`` in this process (a fresh interpreter costs
+    seconds of imports; ``test_killed_worker_run_completes`` runs one): exit code, stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([*args, "-q"])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
     if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+        assert code == 0, err.getvalue()
+    return code, err.getvalue()
 
 
 def _kill(procs: list[subprocess.Popen]) -> None:
@@ -106,8 +112,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def runs(cluster, images) -> dict[str, Path]:
-    """train + detect through the CLI (a separate process, folder inputs) on the remote
-    cluster, and the same through the API on the in-process LocalCluster of this session."""
+    """train + detect through the CLI (folder inputs) on the remote cluster, and the same
+    through the API on the in-process LocalCluster of this session."""
     root = Path(images["root"])
     out: dict[str, Path] = {}
     model = root / "model_remote.safetensors"
@@ -148,14 +154,14 @@ def test_remote_cluster_matches_local_cluster(runs):
 
 
 def test_scheduler_file_and_user_errors_on_cluster(cluster, runs, images, tmp_path):
-    proc = _cli("detect", str(runs["model_remote"]), str(tmp_path / "missing.tif"), "--output",
-                str(tmp_path / "o"), "--scheduler-file", cluster["file"], check=False)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
+    code, err = _cli("detect", str(runs["model_remote"]), str(tmp_path / "missing.tif"), "--output",
+                     str(tmp_path / "o"), "--scheduler-file", cluster["file"], check=False)
+    assert code == 1
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("anomaly-dask: error: ") and "missing.tif" in lines[0]
-    proc = _cli("detect", str(tmp_path / "nomodel.safetensors"), images["test"], "--output",
-                str(tmp_path / "o"), "--scheduler", cluster["address"], check=False)
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    code, err = _cli("detect", str(tmp_path / "nomodel.safetensors"), images["test"], "--output",
+                     str(tmp_path / "o"), "--scheduler", cluster["address"], check=False)
+    assert code == 1 and len(err.strip().splitlines()) == 1
 
 
 def test_environment_check(cluster):

@@ -12,6 +12,7 @@ from anomaly_dask.grid import (
     masked_box_mean,
     nearest_tiles,
     nodata_distance,
+    owns_tiles,
     pixel_scores_from_tiles,
     tile_fractions,
     tiles_covering,
@@ -61,22 +62,30 @@ def test_chunked_pixel_scores_equal_whole(chunk):
     np.testing.assert_allclose(out, whole, rtol=1e-6)
 
 
-@pytest.mark.parametrize("length,chunk,stride,tile", [(100, 32, 8, 32), (33, 8, 8, 32), (1030, 512, 8, 32), (40, 16, 3, 5)])
-def test_axis_chunks_partition_and_own_tiles(length, chunk, stride, tile):
-    spans = axis_chunks(length, chunk, stride, tile)
+@pytest.mark.parametrize("length,chunk,stride", [(100, 32, 8), (33, 8, 8), (1030, 512, 8), (40, 16, 3)])
+def test_axis_chunks_are_a_regular_partition(length, chunk, stride):
+    spans = axis_chunks(length, chunk, stride)
+    step = (chunk // stride) * stride
     assert spans[0][0] == 0 and spans[-1][1] == length
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-    assert all(s % stride == 0 for s, _ in spans)
-    last_tile = ((length - tile) // stride) * stride
-    assert all(s <= last_tile and e - s >= min(tile, length) for s, e in spans)
+    assert all(s == k * step for k, (s, _) in enumerate(spans))
+    assert all(e - s == step for s, e in spans[:-1]) and 0 < spans[-1][1] - spans[-1][0] <= step
 
 
-def test_owned_tiles_partition_the_grid():
-    g = TileGrid(150, 133, 32, 32, 8, 8)
+@pytest.mark.parametrize("shape,chunk", [((150, 133), 48), ((1030, 70), 512), ((40, 40), 8)])
+def test_owned_tiles_partition_the_grid(shape, chunk):
+    """Every tile is owned by the one chunk holding its top-left corner; chunks past the
+    last corner (slivers) own none."""
+    g = TileGrid(*shape, 32, 32, 8, 8)
     owned = np.zeros((g.n_rows, g.n_cols), dtype=int)
-    for row in chunk_windows(g, 48):
+    for row in chunk_windows(g, chunk):
         for w in row:
-            owned[w.own_rows[0] : w.own_rows[1], w.own_cols[0] : w.own_cols[1]] += 1
+            r, c = w.own_rows, w.own_cols
+            owned[r[0] : r[1], c[0] : c[1]] += 1
+            corners_y = [i * 8 for i in range(g.n_rows) if w.y0 <= i * 8 < w.y1]
+            corners_x = [j * 8 for j in range(g.n_cols) if w.x0 <= j * 8 < w.x1]
+            assert owns_tiles(w) == bool(corners_y and corners_x)
+            assert r[1] - r[0] == len(corners_y) and c[1] - c[0] == len(corners_x)
     assert (owned == 1).all()
 
 

@@ -292,8 +292,8 @@ def train_dictionary(
     """Fit PCA, scaler and MiniBatchKMeans on the tiles of ``units`` in one backbone pass.
 
     Memory is bounded by ``max_fit_tiles`` feature rows whatever the number of units: every
-    unit contributes an equal share of random tiles (all of them when every training tile
-    fits), streamed from the workers in one pass. PCA is fitted on that sample, k-means is
+    unit contributes random tiles in proportion to the tiles it owns (all of them when every
+    training tile fits), streamed from the workers in one pass. PCA is fitted on that sample, k-means is
     seeded on a bounded subset of it (:func:`~anomaly_dask.dictionary.init_kmeans`) and
     refined by ``partial_fit`` over it chunk by chunk, in shuffled order, and the coreset
     memory is chosen from it.
@@ -320,15 +320,17 @@ def train_dictionary(
     """
     rng = np.random.default_rng(random_state)
     order = [units[i] for i in rng.permutation(len(units))]
-    total = sum(
+    owned = np.array([
         (u.window.own_rows[1] - u.window.own_rows[0]) * (u.window.own_cols[1] - u.window.own_cols[0])
         for u in order
-    )
-    per_unit = max_fit_tiles if total <= max_fit_tiles else max(1, max_fit_tiles // len(order))
+    ])
+    total = int(owned.sum())
+    # a uniform sample of the tiles: each unit's share in proportion to the tiles it owns
+    shares = owned if total <= max_fit_tiles else np.maximum(1, owned * max_fit_tiles // max(total, 1))
     # two seeds per unit are drawn, as when training had a second pass, so that models of
     # training sets that fit the sample stay as they were; only the first is used
     seeds = rng.integers(0, 2**31, size=(len(order), 2))
-    jobs = [(extractor, u, per_unit, int(seeds[i, 0])) for i, u in enumerate(order)]
+    jobs = [(extractor, u, int(shares[i]), int(seeds[i, 0])) for i, u in enumerate(order)]
     stream = _stream(client, _sample_task, jobs, _in_flight(client), ordered=True)
     sample_parts = list(_counted(stream, progress, "sample", len(jobs)))
     sample = np.concatenate(sample_parts)
