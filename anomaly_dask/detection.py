@@ -116,19 +116,12 @@ def detect_image(
     image: Any,
     output: str,
     *,
-    png_tiles: bool = False,
-    quicklook: bool = True,
-    geotiff: str | tuple[str, ...] | None = None,
-    contacts: tuple[str, ...] = (),
-    min_area: int = 1,
-    outlines: bool = False,
-    pyramid: bool = True,
-    zarr_format: int = 3,
-    overwrite: bool = False,
-    storage_options: dict[str, Any] | None = None,
-    progress: Any = None,
+    png_tiles: bool, quicklook: bool, geotiff: str | tuple[str, ...] | None, contacts: tuple[str, ...],
+    min_area: int, outlines: bool, pyramid: bool, zarr_format: int, overwrite: bool,
+    storage_options: dict[str, Any] | None, progress: Any,
 ) -> dict[str, Any]:
-    """Body of :meth:`AnomalyDetector.detect <anomaly_dask.detector.AnomalyDetector.detect>`."""
+    """Body of :meth:`AnomalyDetector.detect <anomaly_dask.detector.AnomalyDetector.detect>`
+    (which holds the defaults and their documentation)."""
     from . import export
     from . import store as out_store
     from .grid import chunk_windows
