@@ -271,20 +271,10 @@ class ZarrSource(ImageSource):
         )
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Raw pixels of ``[y0, y1) x [x0, x1)``, reading only the chunks it touches.
-
-        Returns
-        -------
-        numpy.ndarray
-            ``(y1 - y0, x1 - x0, channels)`` array of :attr:`dtype`.
-
-        Raises
-        ------
-        ParameterError
-            The window is not inside the image.
-        InputNotFoundError, ImageReadError
-            The array vanished, changed, or its chunks cannot be read.
-        """
+        """Raw pixels of ``[y0, y1) x [x0, x1)`` as :meth:`ImageSource.read
+        <anomaly_dask.io.base.ImageSource.read>` gives them, reading only the chunks the
+        window touches; :class:`InputNotFoundError` or :class:`ImageReadError` when the
+        array vanished, changed, or its chunks cannot be read."""
         check_window(self, y0, y1, x0, x1)
         if y0 == y1 or x0 == x1:
             return np.empty((y1 - y0, x1 - x0, self.channels), self.dtype)
