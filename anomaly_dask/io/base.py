@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..georef import Georef
 
 __all__ = [
+    "header",
     "RASTER_DTYPES",
     "ArraySource",
     "ImageSource",
@@ -195,6 +196,13 @@ def thaw_options(value: Any) -> Any:
     if isinstance(value, _FrozenList):
         return [thaw_options(v) for v in value]
     return value
+
+
+def header(handle: Any) -> dict[str, Any]:
+    """The size, bands, pixel type and no-data value of an opened reader handle, as the
+    keyword arguments of an :class:`ImageSource` (``height``, ``width``, ``channels``,
+    ``dtype``, ``nodata``)."""
+    return {k: getattr(handle, k) for k in ("height", "width", "channels", "dtype", "nodata")}
 
 
 def options_items(storage_options: Mapping[str, Any] | None) -> tuple:

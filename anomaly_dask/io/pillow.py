@@ -114,10 +114,8 @@ def open_pillow(url: str, storage_options: dict[str, Any] | None = None) -> PILS
 
     Parameters
     ----------
-    url : str
-        Local path or fsspec URL.
-    storage_options : dict, optional
-        Passed to fsspec.
+    url, storage_options : str, dict or None
+        Local path or fsspec URL, and the fsspec options it is read with.
 
     Returns
     -------

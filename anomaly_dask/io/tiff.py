@@ -39,6 +39,7 @@ from .base import (
     check_window,
     close_quietly,
     guarded_read,
+    header,
     native,
     options_items,
     options_token,
@@ -413,17 +414,8 @@ class TiffSource(ImageSource):
         for note in handle.notes:
             warnings.warn(note, stacklevel=2)
         return cls(
-            url,
-            handle.height,
-            handle.width,
-            handle.channels,
-            handle.dtype,
-            handle.nodata,
-            handle.georef,
-            items,
-            series,
-            level,
-            handle.axes,
+            url, **header(handle), georef=handle.georef, storage_options=items, series=series, level=level,
+            axes=handle.axes,
         )
 
     def _handle(self) -> _TiffHandle:

@@ -27,6 +27,7 @@ from .base import (
     check_dtype,
     check_window,
     guarded_read,
+    header,
     options_items,
     options_token,
     parse_nodata,
@@ -257,18 +258,7 @@ class ZarrSource(ImageSource):
         url = str(url)
         items = options_items(storage_options)
         handle = _zarr_handle(url, items, path)
-        return cls(
-            url,
-            handle.height,
-            handle.width,
-            handle.channels,
-            handle.dtype,
-            handle.nodata,
-            None,
-            items,
-            handle.path,
-            handle.axes,
-        )
+        return cls(url, **header(handle), storage_options=items, path=handle.path, axes=handle.axes)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Raw pixels of ``[y0, y1) x [x0, x1)`` as :meth:`ImageSource.read
