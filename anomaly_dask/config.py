@@ -239,7 +239,7 @@ PARAMS: tuple[Param, ...] = (
           low=0, high=1024),
     Param("patch_size", 320, "int", "int", "patch mode: network input size per tile (the seed's 320)",
           low=32),
-    Param("chunk_size", 1024, "int", "int", "processing chunk in px (a multiple of the stride)",
+    Param("chunk_size", 1024, "int", "int", "processing chunk in px, also the chunk of the output store",
           commands=EVERY_COMMAND, runtime=True),
     Param("max_fit_tiles", 100_000, "int", "int", "most tile features held at once while fitting", low=2),
     Param("max_train_chunks", 256, "int", "int",

@@ -6,7 +6,7 @@ A pixel's score is the mean score of the tiles covering it; the few pixels past 
 tile (when the image size minus the tile is not a multiple of the stride) take the scores of
 the nearest tiles.
 
-Chunks partition the image into rectangles whose origins are multiples of the stride. A
+Chunks partition the image into ``chunk x chunk`` squares from the top-left corner. A
 chunk *owns* the tiles whose top-left corner it contains (used to train: every tile once)
 and is *covered* by the tiles that overlap any of its pixels (used to score its pixels).
 """
@@ -99,26 +99,23 @@ class Window:
         return (self.y1 - self.y0, self.x1 - self.x0)
 
 
-def axis_chunks(length: int, chunk: int, stride: int) -> list[tuple[int, int]]:
-    """Split one image axis into chunks of ``chunk`` pixels, rounded to a multiple of ``stride``.
+def axis_chunks(length: int, chunk: int) -> list[tuple[int, int]]:
+    """Split one image axis into chunks of ``chunk`` pixels.
 
     Parameters
     ----------
     length : int
         Image size along the axis.
     chunk : int
-        Wanted chunk size; rounded down to a multiple of ``stride`` (at least ``stride``).
-    stride : int
-        Tile stride along the axis.
+        Chunk size in pixels.
 
     Returns
     -------
     list of (start, stop)
-        Contiguous chunks covering ``[0, length)``, every start a multiple of the step; the
+        Contiguous chunks covering ``[0, length)`` starting at multiples of ``chunk``; the
         last one holds the remainder. These are the chunks of an output store.
     """
-    step = max(stride, (chunk // stride) * stride)
-    return [(a, min(a + step, length)) for a in range(0, length, step)]
+    return [(a, min(a + chunk, length)) for a in range(0, length, chunk)]
 
 
 def _own_range(p0: int, p1: int, stride: int, n: int) -> tuple[int, int]:
@@ -154,7 +151,7 @@ def chunk_windows(grid: TileGrid, chunk: int) -> list[list[Window]]:
     grid : TileGrid
         The image's tile grid.
     chunk : int
-        Chunk size in pixels (rounded down to a multiple of the stride on each axis).
+        Chunk size in pixels (any: a chunk's tiles are found from its pixel range).
 
     Returns
     -------
@@ -163,8 +160,8 @@ def chunk_windows(grid: TileGrid, chunk: int) -> list[list[Window]]:
         exactly one chunk; a chunk past the last tile's corner owns none (it is still
         scored, by the tiles covering it).
     """
-    ys = axis_chunks(grid.height, chunk, grid.stride_h)
-    xs = axis_chunks(grid.width, chunk, grid.stride_w)
+    ys = axis_chunks(grid.height, chunk)
+    xs = axis_chunks(grid.width, chunk)
     return [
         [
             Window(

@@ -30,12 +30,30 @@ def test_chunked_equals_unchunked(kwargs):
     ad.chunk_size = 10_000
     whole = ad.score_image(image)
     assert whole.shape == (203, 157) and whole.dtype == np.float32
-    for chunk in (48, 72):
+    for chunk in (48, 50):  # 50: not a multiple of any stride here
         ad.chunk_size = chunk
         chunked = ad.score_image(image)
         span = float(whole.max() - whole.min())
         assert span > 0
         assert np.abs(chunked - whole).max() < 1e-3 * span, chunk
+
+
+def test_detect_store_chunks_need_not_be_a_multiple_of_the_stride(tmp_path):
+    """A 50 px chunk with stride 6: the store's chunks are the processing chunks, its scores
+    are ``score_image``'s with the same chunks, and the whole image's up to chunking."""
+    import zarr
+
+    ad = AnomalyDetector(**{**FAST, "tile": 24, "stride": 6}).train(texture(160, 176, 1), texture(150, 150, 2))
+    image = texture(203, 157, 3)
+    ad.chunk_size = 10_000
+    whole = ad.score_image(image)
+    ad.chunk_size = 50
+    ad.detect(image, str(tmp_path / "out.zarr"), quicklook=False, contacts=(), pyramid=False)
+    g = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert g.attrs["complete"] is True and g["score"].chunks == (50, 50)
+    span = float(whole.max() - whole.min())
+    assert np.abs(g["score"][:] - ad.score_image(image)).max() <= 1e-6 * span
+    assert np.abs(g["score"][:] - whole).max() < 1e-3 * span
 
 
 def _with_nodata(image: np.ndarray, seed: int) -> np.ndarray:
