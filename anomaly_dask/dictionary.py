@@ -215,7 +215,9 @@ def _nearest(z: np.ndarray, points: np.ndarray, k: int, block: int = 256) -> tup
     return dist, index
 
 
-def coreset(projected: np.ndarray, size: int, random_state: int | None, dims: int = 32) -> np.ndarray:
+def coreset(
+    projected: np.ndarray, size: int, random_state: int | None, dims: int = 32, candidates: int = 1024
+) -> np.ndarray:
     """Greedy k-centre coreset: ``size`` rows of ``projected`` that cover it evenly.
 
     Starting from a random row, each step adds the row farthest from those chosen, so
@@ -231,6 +233,11 @@ def coreset(projected: np.ndarray, size: int, random_state: int | None, dims: in
         Rows kept (all of them when there are fewer).
     random_state : int or None
         Seed of the projection and the first row.
+    dims : int
+        Dimensions of the random projection distances are measured in.
+    candidates : int
+        Rows followed step by step in each round (see the code); any value gives the same
+        selection, up to float rounding.
 
     Returns
     -------
@@ -246,18 +253,42 @@ def coreset(projected: np.ndarray, size: int, random_state: int | None, dims: in
     x = np.ascontiguousarray(x)
     chosen = np.empty(size, dtype=np.int64)
     chosen[0] = rng.integers(n)
-    # |x - c|^2 = |x|^2 + |c|^2 - 2 x.c: one matrix-vector product per step reads x once
+    # |x - c|^2 = |x|^2 + |c|^2 - 2 x.c; ``nearest`` holds each row's squared distance to
+    # the chosen rows, exact as of the start of each round
     xx = (x * x).sum(1)
     nearest = np.maximum(xx + xx[chosen[0]] - 2.0 * (x @ x[chosen[0]]), 0.0)
-    step = np.empty(n, dtype=np.float32)
-    for i in range(1, size):
-        c = int(nearest.argmax())
-        chosen[i] = c
-        np.matmul(x, x[c], out=step)
-        step *= -2.0
-        step += xx
-        step += xx[c]
-        np.minimum(nearest, step, out=nearest)
+    lifted_x = np.concatenate([x, np.ones((n, 1), dtype=np.float32)], axis=1)
+    m = min(n, candidates)
+    step = np.empty(m, dtype=np.float32)
+    i = 1
+    while i < size:
+        # A round follows only the m farthest rows. Every other row is at most ``bound`` from
+        # the chosen ones and only gets nearer, so while a followed row is at least that far,
+        # the farthest followed row is the farthest of all: the choices are those of the
+        # plain greedy selection at a fraction of the cost per step.
+        follow = np.argpartition(nearest, n - m)[n - m :]
+        bound = nearest[follow].min()
+        xf, xxf, near_f = x[follow], xx[follow], nearest[follow].copy()
+        start = i
+        while i < size:
+            j = int(near_f.argmax())
+            if near_f[j] < bound and i > start:
+                break
+            c = follow[j]
+            chosen[i] = c
+            i += 1
+            np.matmul(xf, x[c], out=step)
+            step *= -2.0
+            step += xxf
+            step += xx[c]
+            np.minimum(near_f, step, out=near_f)
+        # then every row learns the round's choices, one matrix product per block of rows
+        new = chosen[start:i]
+        lifted = np.concatenate([-2.0 * x[new].T, xx[new][None, :]], axis=0)
+        for r in range(0, n, 4096):
+            d = (lifted_x[r : r + 4096] @ lifted).min(axis=1) + xx[r : r + 4096]
+            np.minimum(nearest[r : r + 4096], np.maximum(d, 0.0), out=nearest[r : r + 4096])
+        nearest[new] = 0.0
     return np.ascontiguousarray(projected[np.sort(chosen)], dtype=np.float32)
 
 

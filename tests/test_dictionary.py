@@ -65,6 +65,31 @@ def test_coreset_keeps_rare_appearance_that_random_sampling_misses():
     assert coreset(x[:50], 200, random_state=0).shape == (50, 40)  # fewer rows than asked: all
 
 
+def plain_greedy(x: np.ndarray, size: int, first: int) -> np.ndarray:
+    """Farthest-first selection, one full distance update per step (float64)."""
+    x = x.astype(np.float64)
+    chosen = [first]
+    nearest = ((x - x[first]) ** 2).sum(1)
+    for _ in range(size - 1):
+        c = int(nearest.argmax())
+        chosen.append(c)
+        nearest = np.minimum(nearest, ((x - x[c]) ** 2).sum(1))
+    return np.sort(chosen)
+
+
+@pytest.mark.parametrize("candidates", [1, 7, 64, 5000])
+def test_coreset_rounds_choose_what_plain_greedy_selection_chooses(candidates):
+    from anomaly_dask.dictionary import coreset
+
+    rng = np.random.default_rng(4)
+    centres = rng.normal(0.0, 4.0, (12, 20))
+    x = (centres[rng.integers(0, 12, 3000)] + rng.normal(0.0, 1.0, (3000, 20)) * rng.uniform(0.3, 2, (3000, 1)))
+    x = x.astype(np.float32)
+    kept = coreset(x, 400, random_state=3, dims=32, candidates=candidates)  # 20 dims: no projection
+    first = int(np.random.default_rng(3).integers(len(x)))
+    np.testing.assert_array_equal(kept, x[plain_greedy(x, 400, first)])
+
+
 def test_kmeans_seeding_runs_on_a_bounded_subset(monkeypatch):
     """The restarts see at most max(SEED_ROWS, SEED_ROWS_PER_CLUSTER * k) rows; partial_fit
     then starts from their solution."""
