@@ -82,7 +82,8 @@ def distance_classes(distance: np.ndarray | None, edges: np.ndarray, shape: tupl
     if distance is None:
         return np.zeros(shape or (), dtype=np.int64)
     d = np.asarray(distance, dtype=np.float32)
-    return (d[..., None] < np.asarray(edges, dtype=np.float32)).sum(axis=-1).astype(np.int64)
+    rising = np.sort(np.asarray(edges, dtype=np.float32))
+    return len(rising) - np.searchsorted(rising, d, side="right").astype(np.int64)  # edges above d
 
 
 def threshold_for_rate(rate: float) -> float:

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import DISTANCE_EDGES
+from .calibration import DISTANCE_EDGES, Calibration, distance_classes
 from .dictionary import Dictionary
 from .features import FeatureConfig, tile_features
 from .grid import (
+    Runs,
     TileGrid,
     Window,
     chunk_windows,
@@ -42,6 +43,7 @@ __all__ = [
     "Extractor",
     "Rendering",
     "Unit",
+    "calibrate_by_runs",
     "pixel_sample",
     "plan_units",
     "redraw_chunk",
@@ -242,9 +244,33 @@ class Extractor:
         box = (w.y0 - oy, w.y1 - oy, w.x0 - ox, w.x1 - ox)
         distance = nodata_distance(wide_valid, box, float(edges[0])) if len(edges) else None
         if calibration is not None:
-            scores = calibration.apply(scores, labels, distance)
+            ry = pixel_runs(w.y0, w.y1, g.stride_h, g.tile_h, g.n_rows)
+            rx = pixel_runs(w.x0, w.x1, g.stride_w, g.tile_w, g.n_cols)
+            scores = calibrate_by_runs(calibration, scores, labels, distance, ry, rx)
         scores[~wide_valid[box[0] : box[1], box[2] : box[3]]] = np.nan
         return scores, chunk_raw, distance, labels
+
+
+def calibrate_by_runs(
+    calibration: Calibration, scores: np.ndarray, labels: np.ndarray, distance: np.ndarray | None,
+    rows: Runs, cols: Runs,
+) -> np.ndarray:
+    """``calibration.apply(scores, labels, distance)``, computed once per block of
+    :func:`~anomaly_dask.grid.pixel_runs` runs for the pixels that agree with their block's
+    first pixel in raw score, centroid and distance class (away from no-data, all of them),
+    and pixel by pixel for the others: the same values, since a pixel's calibrated score
+    depends on those three only."""
+    at = np.ix_(rows.first, cols.first)
+    first_d = None if distance is None else distance[at]
+    out = expand_runs(calibration.apply(scores[at], labels[at], first_d), rows, cols)
+    edges = calibration.distance_edges
+    same = (scores == expand_runs(scores[at], rows, cols)) & (labels == expand_runs(labels[at], rows, cols))
+    if distance is not None:
+        same &= distance_classes(distance, edges) == expand_runs(distance_classes(first_d, edges), rows, cols)
+    other = ~same  # NaN (no-data) is never the same
+    if other.any():
+        out[other] = calibration.apply(scores[other], labels[other], None if distance is None else distance[other])
+    return out
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,32 @@ def test_a_loaded_model_takes_a_new_rate_without_retraining(stationary, tmp_path
     assert again.threshold_ == ad.threshold_ and again.false_alarm_rate_ == ad.false_alarm_rate_
     looser = AnomalyDetector.load(path, false_alarm_rate=0.01)
     assert looser.threshold_ == pytest.approx(2.0) and looser.false_alarm_rate_ == 0.01
+
+
+def test_calibration_once_per_run_equals_calibration_of_every_pixel():
+    """Scores constant over runs of alike pixels except near no-data (pixel-level values,
+    NaN, other distance classes): calibrated once per run where a pixel agrees with its
+    run's first pixel, and pixel by pixel elsewhere, the values are those of every pixel."""
+    from anomaly_dask.grid import expand_runs, pixel_runs
+    from anomaly_dask.scoring import calibrate_by_runs
+
+    rng = np.random.default_rng(7)
+    n = 20_000
+    cal = fit_calibration(rng.random(n), rng.integers(0, 3, n), rng.integers(0, 3, n), 3, np.array([64.0, 16.0]), min_samples=500)
+    rows, cols = pixel_runs(3, 203, 8, 32, 30), pixel_runs(0, 150, 8, 32, 20)
+    shape = (len(rows.first), len(cols.first))
+    scores = expand_runs(rng.random(shape).astype(np.float32) * 1.3, rows, cols)
+    labels = expand_runs(rng.integers(0, 3, shape), rows, cols)
+    distance = np.full(scores.shape, 500.0, dtype=np.float32)
+    distance[:, :40] = np.linspace(0.0, 90.0, 40, dtype=np.float32)  # classes change inside runs
+    distance[:, 29] = 10.0  # inside the run of columns 28-31, away from pixel-level scores
+    edge = np.zeros(scores.shape, dtype=bool)
+    edge[:, :25] = rng.random((scores.shape[0], 25)) < 0.5
+    scores[edge] = rng.random(int(edge.sum())).astype(np.float32)  # pixel-level scores near no-data
+    scores[:, :3] = np.nan
+    got = calibrate_by_runs(cal, scores, labels, distance, rows, cols)
+    np.testing.assert_array_equal(got, cal.apply(scores, labels, distance))
+    np.testing.assert_array_equal(
+        calibrate_by_runs(cal, scores[:, 50:], labels[:, 50:], None, rows, pixel_runs(50, 150, 8, 32, 20)),
+        cal.apply(scores[:, 50:], labels[:, 50:], None),
+    )
