@@ -392,7 +392,9 @@ def nodata_distance(valid: np.ndarray, box: tuple[int, int, int, int], cap: floa
     return np.minimum(d, cap).astype(np.float32)
 
 
-def masked_box_mean(values: np.ndarray, mask: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+def masked_box_mean(
+    values: np.ndarray, mask: np.ndarray, radius: int, at: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean of ``values`` where ``mask`` holds, over the square of ``radius`` around each
     pixel (clipped to the array).
 
@@ -403,21 +405,26 @@ def masked_box_mean(values: np.ndarray, mask: np.ndarray, radius: int) -> tuple[
         Pixels that count.
     radius : int
         Half side of the square, in pixels.
+    at : (ndarray of int, ndarray of int), optional
+        Rows and columns of the only pixels wanted (e.g. from ``np.nonzero``); the sums
+        are then read off the summed-area tables at those pixels alone.
 
     Returns
     -------
-    mean : ndarray of float32 (h, w)
+    mean : ndarray of float32, (h, w) or one value per pixel of ``at``
         NaN where no pixel of the square counts.
-    count : ndarray of int (h, w)
+    count : ndarray of int, same shape
         Pixels counted.
     """
     h, w = values.shape
-    ys, xs = np.arange(h), np.arange(w)
+    ys, xs = (np.arange(h), np.arange(w)) if at is None else at
     y_lo, y_hi = np.maximum(ys - radius, 0), np.minimum(ys + radius + 1, h)
     x_lo, x_hi = np.maximum(xs - radius, 0), np.minimum(xs + radius + 1, w)
 
     def box(a: np.ndarray) -> np.ndarray:
         p = _prefix2(a)
+        if at is not None:
+            return p[y_hi, x_hi] - p[y_lo, x_hi] - p[y_hi, x_lo] + p[y_lo, x_lo]
         return p[np.ix_(y_hi, x_hi)] - p[np.ix_(y_lo, x_hi)] - p[np.ix_(y_hi, x_lo)] + p[np.ix_(y_lo, x_lo)]
 
     count = np.rint(box(mask)).astype(np.int64)

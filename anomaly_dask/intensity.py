@@ -49,7 +49,11 @@ class Intensity:
     fill: float = 0.5
 
 
-def mirror_fill(x: np.ndarray, valid: np.ndarray, reach: int, fill: float) -> np.ndarray:
+#: Side in pixels of the blocks :func:`mirror_fill` fills one at a time.
+FILL_BLOCK = 64
+
+
+def mirror_fill(x: np.ndarray, valid: np.ndarray, reach: int, fill: float, block: int = FILL_BLOCK) -> np.ndarray:
     """Fill invalid pixels with the valid data mirrored across the nearest edge, in place.
 
     An invalid pixel ``p`` whose nearest valid pixel ``b`` lies within ``reach`` takes the
@@ -58,6 +62,12 @@ def mirror_fill(x: np.ndarray, valid: np.ndarray, reach: int, fill: float) -> np
     the texture continues as its own mirror image, so a backbone sees no artificial step
     where the data ends. Each filled value depends only on pixels within ``2 reach`` of it,
     so windows that overlap by that much fill their common pixels alike.
+
+    The nearest valid pixels come from a Euclidean feature transform. Where no-data is
+    sparse (a nadir band, swath edges) it is computed block by block, only for the blocks
+    of ``block`` px that hold no-data, each on the block plus ``reach`` px around it: that
+    holds every valid pixel within ``reach`` of the block, so the result is the same as
+    one transform of the whole array (tested), at a fraction of its cost.
 
     Parameters
     ----------
@@ -69,28 +79,63 @@ def mirror_fill(x: np.ndarray, valid: np.ndarray, reach: int, fill: float) -> np
         Largest distance to data, in pixels, filled by mirroring.
     fill : float
         Value of the other invalid pixels.
+    block : int
+        Side of the blocks filled one at a time.
 
     Returns
     -------
     ndarray
         ``x``.
     """
-    from scipy.ndimage import distance_transform_edt
-
     hole = ~valid
     if not valid.any():
         x[:] = fill
         return x
+    h, w = valid.shape
+    nb = (-(-h // block), -(-w // block))
+    padded = np.zeros((nb[0] * block, nb[1] * block), dtype=bool)
+    padded[:h, :w] = hole
+    with_holes = np.nonzero(padded.reshape(nb[0], block, nb[1], block).any(axis=(1, 3)))
+    if len(with_holes[0]) * (block + 2 * reach) ** 2 >= h * w:  # no-data everywhere: at once
+        _fill_window(x, valid, reach, fill, (0, h, 0, w), (0, h, 0, w))
+        return x
+    for by, bx in zip(*with_holes):
+        y0, x0 = by * block, bx * block
+        y1, x1 = min(h, y0 + block), min(w, x0 + block)
+        around = (max(0, y0 - reach), min(h, y1 + reach), max(0, x0 - reach), min(w, x1 + reach))
+        _fill_window(x, valid, reach, fill, (y0, y1, x0, x1), around)
+    return x
+
+
+def _fill_window(
+    x: np.ndarray, valid: np.ndarray, reach: int, fill: float,
+    part: tuple[int, int, int, int], around: tuple[int, int, int, int],
+) -> None:
+    """:func:`mirror_fill` of the invalid pixels of ``part`` (y0, y1, x0, x1), with their
+    nearest valid pixels looked for in ``around``, a window that holds ``part``."""
+    from scipy.ndimage import distance_transform_edt
+
+    a0, a1, b0, b1 = around
+    hole = ~valid[a0:a1, b0:b1]
+    own = np.zeros(hole.shape, dtype=bool)
+    inner = (slice(part[0] - a0, part[1] - a0), slice(part[2] - b0, part[3] - b0))
+    own[inner] = hole[inner]
+    if hole.all():  # no data within reach of the part
+        py, px = np.nonzero(own)
+        x[py + a0, px + b0] = fill
+        return
     dist, (ny, nx) = distance_transform_edt(hole, return_indices=True)
-    far = hole & (dist > reach)
-    py, px = np.nonzero(hole & ~far)
-    by, bx = ny[py, px], nx[py, px]
+    far = own & (dist > reach)
+    py, px = np.nonzero(own & ~far)
+    by, bx = ny[py, px] + a0, nx[py, px] + b0
+    py, px = py + a0, px + b0
     ry, rx = 2 * by - py, 2 * bx - px
     ok = (ry >= 0) & (ry < valid.shape[0]) & (rx >= 0) & (rx < valid.shape[1])
     ok[ok] = valid[ry[ok], rx[ok]]
+    # every source pixel is valid, so blocks filled earlier are never read back
     x[py, px] = x[np.where(ok, ry, by), np.where(ok, rx, bx)]
-    x[far] = fill
-    return x
+    fy, fx = np.nonzero(far)
+    x[fy + a0, fx + b0] = fill
 
 
 def local_mean(values: np.ndarray, valid: np.ndarray | None, radius: int) -> np.ndarray:

@@ -226,19 +226,15 @@ class Extractor:
         origin = (rows[0], cols[0])
         on_data = pixel_scores_from_tiles(tiles, g, origin, ext, full.astype(np.float64))
         covered = pixel_scores_from_tiles(full.astype(np.float32), g, origin, ext) > 0
-        near, count = masked_box_mean(on_data, covered, reach)
-        partial = (fraction >= self.min_valid).astype(np.float64)
         inner = (w.y0 - ext[0], w.y0 - ext[0] + w.shape[0], w.x0 - ext[2], w.x0 - ext[2] + w.shape[1])
         crop = (slice(inner[0], inner[1]), slice(inner[2], inner[3]))
-        scores = np.where(
-            covered[crop],
-            on_data[crop],
-            np.where(
-                count[crop] > 0,
-                near[crop],
-                pixel_scores_from_tiles(tiles, g, origin, (w.y0, w.y1, w.x0, w.x1), partial),
-            ),
-        ).astype(np.float32)
+        scores = on_data[crop].astype(np.float32)
+        uy, ux = np.nonzero(~covered[crop])  # the pixels no tile wholly on data covers
+        if len(uy):
+            near, count = masked_box_mean(on_data, covered, reach, at=(uy + inner[0], ux + inner[2]))
+            partial = (fraction >= self.min_valid).astype(np.float64)
+            sliver = pixel_scores_from_tiles(tiles, g, origin, (w.y0, w.y1, w.x0, w.x1), partial)[uy, ux]
+            scores[uy, ux] = np.where(count > 0, near, sliver)
         wide_valid = valid_pixels(raw, self.nodata if self.nodata is not None else unit.source.nodata)
         edges = self.distance_edges(g) if dictionary.calibration is None else dictionary.calibration.distance_edges
         box = (w.y0 - oy, w.y1 - oy, w.x0 - ox, w.x1 - ox)

@@ -54,3 +54,38 @@ def test_to_unit_rgb_fills_with_the_median_unless_mirroring():
     assert flat.shape == (4, 6, 3) and np.allclose(flat[:, 3:], 0.25)
     mirrored = to_unit_rgb(raw, intensity, valid, mirror=4)
     assert np.allclose(mirrored, 200 / 255)
+
+
+def _fill_whole(x: np.ndarray, valid: np.ndarray, reach: int, fill: float) -> np.ndarray:
+    """Reference: one feature transform of the whole array."""
+    from scipy.ndimage import distance_transform_edt
+
+    hole = ~valid
+    dist, (ny, nx) = distance_transform_edt(hole, return_indices=True)
+    py, px = np.nonzero(hole & (dist <= reach))
+    by, bx = ny[py, px], nx[py, px]
+    ry, rx = 2 * by - py, 2 * bx - px
+    ok = (ry >= 0) & (ry < valid.shape[0]) & (rx >= 0) & (rx < valid.shape[1])
+    ok[ok] = valid[ry[ok], rx[ok]]
+    out = x.copy()
+    out[py, px] = x[np.where(ok, ry, by), np.where(ok, rx, bx)]
+    out[hole & (dist > reach)] = fill
+    return out
+
+
+def test_fill_block_by_block_equals_one_transform_of_the_whole_array():
+    rng = np.random.default_rng(3)
+    h, w = 150, 170
+    yy, xx = np.mgrid[:h, :w]
+    masks = []
+    for _ in range(6):
+        band = np.abs(yy - 40 - xx // rng.integers(3, 9)) < rng.integers(1, 12)  # a wavy nadir band
+        edge = xx > w - rng.integers(1, 20)  # a swath edge
+        holes = rng.random((h, w)) < 0.002  # drop-outs
+        disc = (yy - rng.integers(0, h)) ** 2 + (xx - rng.integers(0, w)) ** 2 < rng.integers(2, 40) ** 2
+        masks += [~(band | edge), ~(band | holes), ~(edge | disc), ~disc, rng.random((h, w)) > 0.5]
+    for valid in masks:
+        x = rng.random((h, w, 2)).astype(np.float32)
+        expected = _fill_whole(x, valid, 9, -1.0)
+        for block in (5, 16, 64):
+            np.testing.assert_array_equal(mirror_fill(x.copy(), valid, 9, -1.0, block=block), expected)

@@ -151,6 +151,18 @@ def test_masked_box_mean_matches_brute_force():
             assert np.isnan(mean[y, x])
 
 
+def test_masked_box_mean_at_chosen_pixels_equals_the_whole_map_there():
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=(40, 37))
+    mask = rng.random((40, 37)) < 0.2
+    mean, count = masked_box_mean(values, mask, 4)
+    at = np.nonzero(rng.random((40, 37)) < 0.1)
+    some_mean, some_count = masked_box_mean(values, mask, 4, at=at)
+    assert some_mean.shape == (len(at[0]),)
+    np.testing.assert_array_equal(some_count, count[at])
+    np.testing.assert_array_equal(some_mean, mean[at])
+
+
 def test_tiles_covering_lists_every_tile_touching_the_rectangle():
     grid = TileGrid(100, 90, 32, 32, 8, 8)
     rows, cols = tiles_covering(grid, (20, 41, 0, 90))
