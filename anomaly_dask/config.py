@@ -168,7 +168,7 @@ PARAMS: tuple[Param, ...] = (
           low=0.0, high=1.0, bounds="(]", seed=True),
     Param("kmeans_clusters", 50, "int", "int",
           f"dictionary size (the seed used 10; at most {MAX_CENTROIDS})", high=MAX_CENTROIDS, seed=True),
-    Param("kmeans_trials", 10, "int", "int", "k-means restarts when seeding the dictionary", seed=True),
+    Param("kmeans_trials", 3, "int", "int", "k-means restarts when seeding the dictionary (the seed used 10)", seed=True),
     Param("kmeans_random", None, "int | None", "int", "alias of `random_state`",
           nullable=True, alias_of="random_state", seed=True),
     Param("kmeans_neighbors", 1, "int", "int",

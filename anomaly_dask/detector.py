@@ -62,7 +62,7 @@ class AnomalyDetector:
         device: str | None = None,
         pca_variance: float = 0.95,
         kmeans_clusters: int = 50,
-        kmeans_trials: int = 10,
+        kmeans_trials: int = 3,
         kmeans_random: int | None = None,
         kmeans_neighbors: int = 1,
         threshold_mode: str | None = None,
