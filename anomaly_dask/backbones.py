@@ -119,9 +119,9 @@ def _resnet18() -> tuple[nn.Module, list[tuple[str, nn.Module, int]], nn.Module 
 
 
 def _efficientnet_lite0() -> tuple[nn.Module, list[tuple[str, nn.Module, int]], nn.Module | None]:
-    import timm
+    from .efficientnet_lite import EfficientNetLite0
 
-    net = timm.create_model("efficientnet_lite0", pretrained=False)
+    net = EfficientNetLite0()
     stem = nn.Sequential(net.conv_stem, net.bn1)
     strides = [2, 4, 8, 16, 16, 32, 32]
     stages = [("stem", stem, 2)] + [
@@ -171,8 +171,9 @@ def _efficientnet_lite0_imagenet() -> tuple[str, dict[str, torch.Tensor]]:
     if not _file_sha256(path).startswith("57934424"):
         raise WeightsNotFoundError(f"{path} does not have the expected sha256 prefix 57934424")
     source = torch.load(path, map_location="cpu", weights_only=True)
-    # The package uses the lukemelas/RangiLyu naming; timm's efficientnet_lite0 holds the same
-    # 296 tensors in the same order and shapes, so the names map by position.
+    # The package uses the lukemelas/RangiLyu naming; timm's efficientnet_lite0 (and ours, which
+    # has timm's names) holds the same 296 tensors in the same order and shapes, so the names
+    # map by position.
     names = list(_efficientnet_lite0()[0].state_dict())
     if len(source) != len(names):
         raise WeightsNotFoundError(f"{path}: expected {len(names)} tensors, found {len(source)}")
@@ -269,7 +270,7 @@ def build_backbone(
     name : str
         Registry key, one of :data:`BACKBONES`.
     state_dict : dict, optional
-        Weights of the full network (torchvision/timm names) or of a :class:`Backbone`
+        Weights of the full network (torchvision / timm names) or of a :class:`Backbone`
         (names starting with ``stages.``); ``None`` keeps the random initialisation drawn
         with ``seed``.
     layers : tuple of str, optional
@@ -308,8 +309,9 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     """An inference copy of ``module`` with each BatchNorm folded into the conv before it.
 
     A child ``BatchNorm2d`` registered right after a ``Conv2d`` sibling (the order in which
-    torchvision's ResNets and timm's EfficientNets also apply them) is merged into the
-    conv's weight and bias and replaced by its activation (timm's ``BatchNormAct2d``) or an
+    torchvision's ResNets and the EfficientNet also apply them) is merged into the
+    conv's weight and bias and replaced by its activation (the ``act`` attribute of
+    :class:`~anomaly_dask.efficientnet_lite.NormAct`, as of timm's ``BatchNormAct2d``) or an
     identity. Halves the CPU time of the dense pass; outputs agree to float rounding.
     """
     import copy
