@@ -8,13 +8,15 @@ orchestrator can stream features: :func:`fit_projection` on a bounded sample,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from sklearn.decomposition import PCA
 
 from .calibration import Calibration, check_array
 from .errors import ModelFileError, ParameterError
+
+if TYPE_CHECKING:
+    from sklearn.cluster import MiniBatchKMeans
 
 __all__ = [
     "Dictionary",
@@ -304,6 +306,8 @@ def fit_projection(sample: np.ndarray, variance: float, random_state: int | None
     random_state : int or None
         Seed of the randomised solver.
     """
+    from sklearn.decomposition import PCA  # training only: scoring never imports scikit-learn
+
     n, dim = sample.shape
     if n < 2:
         raise ParameterError(
@@ -343,6 +347,8 @@ def init_kmeans(
         Ready for ``partial_fit`` on streamed batches; its centres start at the sample's
         best k-means solution.
     """
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
     k = min(n_clusters, len(projected))
     rows = min(len(projected), max(SEED_ROWS, SEED_ROWS_PER_CLUSTER * k))
     subset = projected

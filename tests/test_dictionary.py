@@ -93,17 +93,19 @@ def test_coreset_rounds_choose_what_plain_greedy_selection_chooses(candidates):
 def test_kmeans_seeding_runs_on_a_bounded_subset(monkeypatch):
     """The restarts see at most max(SEED_ROWS, SEED_ROWS_PER_CLUSTER * k) rows; partial_fit
     then starts from their solution."""
+    import sklearn.cluster
+
     import anomaly_dask.dictionary as dictionary_module
 
     seen: list[int] = []
-    real = dictionary_module.KMeans
+    real = sklearn.cluster.KMeans
 
     class Recording(real):
         def fit(self, x, *args, **kwargs):
             seen.append(len(x))
             return super().fit(x, *args, **kwargs)
 
-    monkeypatch.setattr(dictionary_module, "KMeans", Recording)
+    monkeypatch.setattr(sklearn.cluster, "KMeans", Recording)  # imported when seeding
     monkeypatch.setattr(dictionary_module, "SEED_ROWS", 500)
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 4)) * 10
