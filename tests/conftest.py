@@ -33,6 +33,21 @@ def texture(height: int, width: int, seed: int, channels: int = 3) -> np.ndarray
 
 
 @pytest.fixture(scope="session", autouse=True)
+def trunk_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Converted OpenVINO trunks go to a folder of this run, not the user's cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("trunk-cache")
+    old = os.environ.get("ANOMALY_DASK_CACHE")
+    os.environ["ANOMALY_DASK_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("ANOMALY_DASK_CACHE", None)
+    else:
+        os.environ["ANOMALY_DASK_CACHE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def session_client() -> Iterator[Any]:
     """One in-process cluster for the whole run, shaped like the one a call without a client
     starts; it is the current client, so every call that passes no ``client`` uses it.

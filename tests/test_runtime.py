@@ -53,6 +53,79 @@ def test_masks_equal_torch_and_chunked_equals_unchunked_with_openvino():
         assert np.abs(chunked - whole).max() < 1e-3 * span, chunk
 
 
+def _maps_match(backbone, x):
+    with torch.inference_mode():
+        ref, got = dense_maps(backbone, x, "torch"), dense_maps(backbone, x, "openvino")
+    return [m.shape for m in got] == [m.shape for m in ref] and all(
+        float((a - b).abs().max()) <= 1e-4 * max(1.0, float(b.abs().max())) for a, b in zip(got, ref)
+    )
+
+
+def test_models_differing_only_in_their_dense_stages_get_their_own_trunk():
+    # both keep blocks0-4 with the same weights; only the stages returned differ
+    a = fold_batchnorm(build_backbone("efficientnet_lite0", layers=("blocks2", "blocks4"), seed=4)).eval()
+    b = fold_batchnorm(build_backbone("efficientnet_lite0", layers=("blocks3", "blocks4"), seed=4)).eval()
+    assert repr(a) == repr(b)
+    x = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    for backbone in (a, b):
+        assert _maps_match(backbone, x)
+
+
+def test_converted_trunk_is_read_from_the_disk_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANOMALY_DASK_CACHE", str(tmp_path))
+    runtimes._COMPILED.clear()
+    backbone = fold_batchnorm(build_backbone("efficientnet_lite0", seed=5)).eval()
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    assert _maps_match(backbone, x)
+    files = sorted(p.name for p in (tmp_path / "openvino").iterdir())
+    assert len(files) == 2 and files[0].endswith(".bin") and files[1].endswith(".xml")
+    # a later process (nothing compiled in memory) reads it and does not convert
+    runtimes._COMPILED.clear()
+
+    def no_conversion(_backbone):
+        raise AssertionError("converted although a cached trunk was on disk")
+
+    monkeypatch.setattr(runtimes, "_convert", no_conversion)
+    assert _maps_match(backbone, x)
+
+
+def test_a_cached_trunk_that_gives_other_outputs_is_converted_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANOMALY_DASK_CACHE", str(tmp_path))
+    runtimes._COMPILED.clear()
+    ours = fold_batchnorm(build_backbone("efficientnet_lite0", seed=6)).eval()
+    other = fold_batchnorm(build_backbone("efficientnet_lite0", seed=7)).eval()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    assert _maps_match(other, x)
+    cached = next((tmp_path / "openvino").glob("*.xml"))
+    # put the other model's converted trunk where ours would be cached
+    target = runtimes._cache_path(runtimes._digest(ours))
+    for suffix in (".bin", ".xml"):
+        target.with_suffix(suffix).write_bytes(cached.with_suffix(suffix).read_bytes())
+    runtimes._COMPILED.clear()
+    assert _maps_match(ours, x)  # not the other model's maps
+    runtimes._COMPILED.clear()
+    monkeypatch.setattr(runtimes, "_convert", lambda b: (_ for _ in ()).throw(AssertionError("converted")))
+    assert _maps_match(ours, x)  # the file was replaced by ours
+    target.with_suffix(".bin").write_bytes(b"truncated")  # unreadable: converted again
+    runtimes._COMPILED.clear()
+    monkeypatch.undo()
+    monkeypatch.setenv("ANOMALY_DASK_CACHE", str(tmp_path))
+    assert _maps_match(ours, x)
+
+
+def test_cache_off_writes_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANOMALY_DASK_CACHE", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert runtimes.cache_dir() is None
+    runtimes._COMPILED.clear()
+    backbone = fold_batchnorm(build_backbone("efficientnet_lite0", seed=8)).eval()
+    assert _maps_match(backbone, torch.rand(1, 3, 64, 64))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.delenv("ANOMALY_DASK_CACHE")
+    assert runtimes.cache_dir() == tmp_path / "anomaly_dask"
+
+
 def test_compiled_once_per_model_and_thread_count():
     runtimes._COMPILED.clear()
     backbone = fold_batchnorm(build_backbone("efficientnet_lite0", seed=2)).eval()
