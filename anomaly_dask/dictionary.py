@@ -330,6 +330,12 @@ def fit_projection(sample: np.ndarray, variance: float, random_state: int | None
 #: cluster (see :func:`init_kmeans`).
 SEED_ROWS = 20_000
 SEED_ROWS_PER_CLUSTER = 200
+#: Lloyd iterations of each seeding restart. On a 20,000-row sample of 2048^2 sonar tiles
+#: (50 clusters, 3 restarts) 60 iterations end within 0.03 % of the inertia reached when
+#: converged (172 iterations), in half the time; ``partial_fit`` then refines the centres
+#: over every row. (30 iterations, within 0.2 % in a third of the time, moved the held-out
+#: false-alarm rate of ``tests/test_calibration.py`` from 0.54x to 0.46x the requested one.)
+SEED_MAX_ITER = 60
 
 
 def init_kmeans(
@@ -338,8 +344,9 @@ def init_kmeans(
     """Seed a MiniBatchKMeans from k-means (``n_init`` restarts) on a projected sample.
 
     The restarts run on a random subset of at most ``max(SEED_ROWS, SEED_ROWS_PER_CLUSTER *
-    n_clusters)`` rows, which bounds the seeding's time whatever the sample's size; the
-    streamed ``partial_fit`` that follows sees every row.
+    n_clusters)`` rows, for at most :data:`SEED_MAX_ITER` iterations each, which bounds the
+    seeding's time whatever the sample's size; the streamed ``partial_fit`` that follows
+    sees every row.
 
     Returns
     -------
@@ -355,7 +362,7 @@ def init_kmeans(
     if rows < len(projected):
         pick = np.random.default_rng(random_state).choice(len(projected), rows, replace=False)
         subset = projected[np.sort(pick)]
-    seed = KMeans(n_clusters=k, n_init=n_init, random_state=random_state).fit(subset)
+    seed = KMeans(n_clusters=k, n_init=n_init, max_iter=SEED_MAX_ITER, random_state=random_state).fit(subset)
     mbk = MiniBatchKMeans(
         n_clusters=k,
         init=seed.cluster_centers_,

@@ -201,7 +201,7 @@ def _save(model: Any, path: Path) -> None:
             ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
             os.replace(tmp_xml.with_suffix(".bin"), path.with_suffix(".bin"))
             os.replace(tmp_xml, path)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - a cache that cannot be written only costs time
         log.info("converted trunk not cached in %s: %s", path.parent, err)
 
 

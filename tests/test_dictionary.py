@@ -102,6 +102,7 @@ def test_kmeans_seeding_runs_on_a_bounded_subset(monkeypatch):
 
     class Recording(real):
         def fit(self, x, *args, **kwargs):
+            assert self.max_iter == dictionary_module.SEED_MAX_ITER
             seen.append(len(x))
             return super().fit(x, *args, **kwargs)
 

@@ -126,6 +126,16 @@ def test_cache_off_writes_nothing(monkeypatch, tmp_path):
     assert runtimes.cache_dir() == tmp_path / "anomaly_dask"
 
 
+def test_a_cache_folder_that_cannot_be_written_only_costs_the_conversion(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("ANOMALY_DASK_CACHE", str(blocker / "cache"))
+    runtimes._COMPILED.clear()
+    backbone = fold_batchnorm(build_backbone("efficientnet_lite0", seed=9)).eval()
+    assert _maps_match(backbone, torch.rand(1, 3, 64, 64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 def test_compiled_once_per_model_and_thread_count():
     runtimes._COMPILED.clear()
     backbone = fold_batchnorm(build_backbone("efficientnet_lite0", seed=2)).eval()
