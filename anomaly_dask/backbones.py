@@ -311,7 +311,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     A child ``BatchNorm2d`` registered right after a ``Conv2d`` sibling (the order in which
     torchvision's ResNets and the EfficientNet also apply them) is merged into the
     conv's weight and bias and replaced by its activation (the ``act`` attribute of
-    :class:`~anomaly_dask.efficientnet_lite.NormAct`, as of timm's ``BatchNormAct2d``) or an
+    :class:`~anomaly_dask.efficientnet_lite.NormAct`, as in timm's ``BatchNormAct2d``) or an
     identity. Halves the CPU time of the dense pass; outputs agree to float rounding.
     """
     import copy
