@@ -97,8 +97,9 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
                        help="seconds to wait for --scheduler / --scheduler-file (default: 10)")
     group.add_argument("--workers", type=int, default=1, metavar="N",
                        help="worker processes of the local cluster started otherwise (default: 1)")
-    group.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
-                       help="task threads per local worker (default: 1)")
+    group.add_argument("--threads-per-worker", type=int, default=None, metavar="T",
+                       help="task threads per local worker (default: 2 when each worker has 2 cores "
+                            "or more, else 1)")
     group.add_argument("--torch-threads", type=int, default=None, metavar="N",
                        help="torch threads per task thread (default: the worker's share of the cores)")
     group.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",

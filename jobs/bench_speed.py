@@ -14,8 +14,9 @@ On one synthetic sonar GeoTIFF (``--size`` x ``--size``, default 2048) it measur
 2. **End-to-end ``detect``** px/s at the defaults (``quicklook``, contacts, pyramid), with
    ``runtime="torch"`` and ``runtime="auto"``, on each cluster layout of ``--layouts``,
    each in a fresh process: a first (cold) call into a fresh store, then a second (warm)
-   call into another fresh store. The whole call is timed (exports included); the layout
-   with the best warm rate is the one reported as "detect".
+   call into another fresh store. The whole call is timed (exports included). The
+   ``default`` layout, when in ``--layouts``, is the one reported as "detect" (else the
+   layout with the best warm rate); peak resident memory of each child is printed too.
 3. The ratio detect / raw trunk for the chosen runtime (the target is >= 0.8).
 4. **The seed's method**: per-tile ResNet-18 on 32 px tiles at stride 8, each tile
    resized to 320 px, global-average-pooled (``features="patch"``), scored with
@@ -29,16 +30,20 @@ On one synthetic sonar GeoTIFF (``--size`` x ``--size``, default 2048) it measur
 
 Cluster layouts (``--layouts``, comma-separated):
 
+- ``default``: the in-process LocalCluster ``detect`` starts by itself when given no
+  client (1 worker x :func:`~anomaly_dask.compute.default_task_threads` task threads,
+  the cores shared among them), started here before the timing, so that its start-up
+  is not counted.
 - ``1x1``: an in-process LocalCluster of 1 worker x 1 task thread, torch (and OpenVINO)
-  using ``--threads`` threads inside the task: what ``detect`` starts by itself when given
-  no client (started here before the timing, so its start-up is not counted).
+  using all cores inside the task (the default before 2026-12).
 - ``1x2``: a LocalCluster of 1 worker process x 2 task threads, 1 torch thread each.
 - ``1x2t2``: the same with 2 torch threads per task thread (oversubscribed).
+- ``1x2i``: an in-process LocalCluster of 1 worker x 2 task threads, 1 torch thread each.
 
 Usage::
 
     python jobs/bench_speed.py [--size 2048] [--skip-seed] [--skip-train] [--model PATH]
-        [--layouts 1x1,1x2,1x2t2] [--workdir bench_out_speed]
+        [--layouts default,1x1,1x2] [--workdir bench_out_speed]
 
 ``--skip-train`` skips the timed ``size x size`` training (step 5); the detect model is
 still trained unless ``--model`` names one. Prints a table, then one JSON line.
@@ -60,13 +65,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Cluster layouts: (task threads, torch threads per task thread or None for all cores, processes)
-LAYOUTS = {"1x1": (1, None, False), "1x2": (2, 1, True), "1x2t2": (2, 2, True)}
+LAYOUTS = {"default": (0, None, False), "1x1": (1, None, False), "1x2i": (2, 1, False), "1x2": (2, 1, True), "1x2t2": (2, 2, True)}
 
 
 # --------------------------------------------------------------------------- children
 def _client(layout: str, stack: Any) -> Any:
     """A client for ``layout`` (entered on ``stack``)."""
     threads, torch_threads, processes = LAYOUTS[layout]
+    if not threads:
+        from anomaly_dask.compute import default_task_threads
+
+        threads = default_task_threads()
     if processes:
         from anomaly_dask.compute import connect
 
@@ -120,7 +129,19 @@ def child_detect(spec: dict[str, Any]) -> dict[str, Any]:
             wall = time.perf_counter() - t0
             out[run] = {"seconds": wall, "scoring_seconds": summary["seconds"], "chunks": summary["chunks"],
                         "contacts": summary.get("contacts"), "anomalous_fraction": summary["anomalous_fraction"]}
+    out["peak_rss_mib"] = peak_rss_mib()
     return out
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory (MiB) of this process, plus the largest peak of its ended
+    children when it started any (a LocalCluster's worker processes, once the cluster is
+    closed): an upper bound of what the two held at once."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) / 1024
 
 
 def run_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -271,7 +292,8 @@ def main() -> None:
     p.add_argument("--skip-seed", action="store_true", help="do not time the seed's method")
     p.add_argument("--skip-train", action="store_true", help="do not time training on a size x size mosaic")
     p.add_argument("--model", default=None, help="detect with this model instead of training one")
-    p.add_argument("--layouts", default="1x1,1x2,1x2t2", help=f"cluster layouts to try, of {', '.join(LAYOUTS)}")
+    p.add_argument("--layouts", default="default,1x1,1x2", help=f"cluster layouts to try, of {', '.join(LAYOUTS)}")
+    p.add_argument("--runtimes", default="torch,auto", help="runtimes to detect with, of torch and auto")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the raw trunk (the worker budget)")
     p.add_argument("--repeats", type=int, default=3, help="raw trunk: best of this many forwards")
     p.add_argument("--seed-crop", type=int, default=64, help="seed method: side of the crop scored")
@@ -309,8 +331,8 @@ def main() -> None:
     model = args.model
     if model is None:
         model = str(work / "model.safetensors")
-        r = run_child("train", {"layout": "1x1", "train": small[0], "val": small[1], "model": model})
-        res["train_small"] = {"seconds": r["seconds"], "mosaics": f"{n // 2}x{n} + {n // 4}x{n}", "layout": "1x1"}
+        r = run_child("train", {"layout": "default", "train": small[0], "val": small[1], "model": model})
+        res["train_small"] = {"seconds": r["seconds"], "mosaics": f"{n // 2}x{n} + {n // 4}x{n}", "layout": "default"}
         print(f"trained the detect model on {n // 2}x{n} + {n // 4}x{n} in {r['seconds']:.1f} s", flush=True)
 
     res["trunk"] = raw_trunk(model, image, args.threads, args.repeats)
@@ -321,23 +343,27 @@ def main() -> None:
 
     res["detect"] = {}
     for layout in layouts:
-        for runtime in ("torch", "auto"):
+        for runtime in args.runtimes.split(","):
             r = run_child("detect", {"layout": layout, "runtime": runtime, "model": model, "image": image,
                                      "workdir": str(work / f"detect_{layout}_{runtime}")})
             for run in ("cold", "warm"):
                 r[run]["px_per_s"] = n * n / r[run]["seconds"]
             res["detect"][f"{layout}/{runtime}"] = r
             print(f"detect {layout} runtime={runtime}: cold {r['cold']['seconds']:.1f} s, warm "
-                  f"{r['warm']['seconds']:.1f} s = {r['warm']['px_per_s']:,.0f} px/s", flush=True)
+                  f"{r['warm']['seconds']:.1f} s = {r['warm']['px_per_s']:,.0f} px/s; peak RSS "
+                  f"{r['peak_rss_mib']:,.0f} MiB", flush=True)
     auto = "openvino" if openvino_installed() else "torch"
-    best = max((k for k in res["detect"] if k.endswith("/auto")), key=lambda k: res["detect"][k]["warm"]["px_per_s"])
+    # the defaults when measured, else the fastest layout measured
+    best = "default/auto" if "default/auto" in res["detect"] else max(
+        (k for k in res["detect"] if k.endswith("/auto")), key=lambda k: res["detect"][k]["warm"]["px_per_s"])
     best_layout = best.split("/")[0]
     chosen = res["detect"][best]["warm"]
     res["chosen"] = {"layout": best_layout, "runtime": "auto", "resolved": auto}
     res["detect_vs_trunk"] = chosen["px_per_s"] / res["trunk"][auto]["image_px_per_s"]
-    res["detect_vs_trunk_torch"] = (
-        res["detect"][f"{best_layout}/torch"]["warm"]["px_per_s"] / res["trunk"]["torch"]["image_px_per_s"]
-    )
+    if f"{best_layout}/torch" in res["detect"]:
+        res["detect_vs_trunk_torch"] = (
+            res["detect"][f"{best_layout}/torch"]["warm"]["px_per_s"] / res["trunk"]["torch"]["image_px_per_s"]
+        )
 
     if not args.skip_train:
         big = (mosaic("train", n, n, 31), mosaic("val", n // 2, n, 32))
@@ -373,15 +399,19 @@ def print_table(res: dict[str, Any], layouts: list[str]) -> None:
                      f"input {t['interior_input']} (halo on every side)"))
     for layout in layouts:
         for runtime in ("torch", "auto"):
+            if f"{layout}/{runtime}" not in res["detect"]:
+                continue
             d = res["detect"][f"{layout}/{runtime}"]
             label = f"detect {layout}, runtime={runtime}" + (f" ({auto})" if runtime == "auto" else "")
             rows.append((label, f"{d['warm']['px_per_s']:,.0f} px/s",
                          f"warm {d['warm']['seconds']:.1f} s (scoring {d['warm']['scoring_seconds']:.1f} s), "
-                         f"cold {d['cold']['seconds']:.1f} s = {d['cold']['px_per_s']:,.0f} px/s"))
+                         f"cold {d['cold']['seconds']:.1f} s = {d['cold']['px_per_s']:,.0f} px/s; "
+                         f"peak RSS {d['peak_rss_mib']:,.0f} MiB"))
     chosen = res["detect"][f"{best}/auto"]["warm"]
     rows.append(("detect (chosen)", f"{chosen['px_per_s']:,.0f} px/s", f"layout {best}, runtime=auto ({auto})"))
     rows.append(("detect / raw trunk", f"{res['detect_vs_trunk']:.2f}", f"{auto}, layout {best} (target >= 0.8)"))
-    rows.append(("detect / raw trunk, torch", f"{res['detect_vs_trunk_torch']:.2f}", f"layout {best}"))
+    if "detect_vs_trunk_torch" in res:
+        rows.append(("detect / raw trunk, torch", f"{res['detect_vs_trunk_torch']:.2f}", f"layout {best}"))
     if "seed" in res:
         sd = res["seed"]
         rows.append(("seed method (large image)", f"{sd['px_per_s']:,.1f} px/s",

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scheduler", help="address of a running Dask scheduler")
     p.add_argument("--scheduler-file", help="scheduler file of a running Dask cluster")
     p.add_argument("--workers", type=int, default=1, help="local worker processes otherwise")
-    p.add_argument("--threads-per-worker", type=int, default=1)
+    p.add_argument("--threads-per-worker", type=int, default=None, help="default: 2 where each worker has 2 cores or more, else 1")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     return p.parse_args(argv)
 

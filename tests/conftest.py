@@ -54,7 +54,10 @@ def session_client() -> Iterator[Any]:
     Tests that need their own cluster (processes, killed workers) pass theirs."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+    from anomaly_dask.compute import default_task_threads
+
+    threads = default_task_threads()
+    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             yield client
 

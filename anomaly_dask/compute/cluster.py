@@ -21,6 +21,7 @@ __all__ = [
     "TorchThreads",
     "check_environment",
     "connect",
+    "default_task_threads",
     "local_client",
     "package_versions",
     "performance_report",
@@ -119,7 +120,7 @@ def connect(
     scheduler_file: str | None = None,
     *,
     workers: int = 1,
-    threads_per_worker: int = 1,
+    threads_per_worker: int | None = None,
     torch_threads: int | None = None,
     timeout: float = 10.0,
     check: bool = True,
@@ -133,7 +134,8 @@ def connect(
     scheduler_file : str, optional
         Scheduler file written by ``dask scheduler --scheduler-file``.
     workers, threads_per_worker : int
-        Size of the LocalCluster (worker processes) started when neither is given.
+        Size of the LocalCluster (worker processes) started when neither is given;
+        ``threads_per_worker`` defaults to :func:`default_task_threads`.
     torch_threads : int, optional
         Torch threads per task thread (see :class:`TorchThreads`). For a LocalCluster the
         default shares the cores: ``cpu_count // (workers * threads_per_worker)``.
@@ -153,6 +155,8 @@ def connect(
 
     if scheduler and scheduler_file:
         raise ClusterError("give either a scheduler address or a scheduler file, not both")
+    if threads_per_worker is None:
+        threads_per_worker = default_task_threads(workers)
     if workers < 1 or threads_per_worker < 1:
         raise ClusterError(f"workers={workers} and threads_per_worker={threads_per_worker} must be >= 1")
     with contextlib.ExitStack() as stack:
@@ -182,16 +186,29 @@ def connect(
         yield client
 
 
+def default_task_threads(workers: int = 1) -> int:
+    """Task threads per worker of a local cluster of ``workers`` workers on this machine
+    (:func:`local_client`, :func:`connect`): 2 where each worker has 2 cores or more,
+    else 1.
+
+    Two chunks in flight let one task read, pool and score while the other runs the
+    trunk, each task's trunk getting half the cores (:func:`set_torch_threads`). On 2
+    cores, 16 chunks of a 4096^2 mosaic were scored 1.18x faster than by 1 task thread
+    using both cores, for 11 % more peak memory (``jobs/bench_speed.py``).
+    """
+    return max(1, min(2, (os.cpu_count() or 1) // max(1, workers)))
+
+
 @contextlib.contextmanager
 def local_client(client: Any | None, threads: int | None = None) -> Iterator[Any]:
     """Yield the client to run on: ``client``, else the process's current distributed
     client, else a LocalCluster client started (and closed) for the block.
 
     As with ``dask.compute``, a ``distributed.Client`` made in this process (and not
-    closed) is used when no ``client`` is passed. Otherwise an in-process cluster is used:
-    one worker with ``threads`` task threads (default 1) sharing one copy of the model,
-    torch using the remaining cores inside each task (measured faster on CPU than several
-    single-threaded tasks).
+    closed) is used when no ``client`` is passed. Otherwise an in-process cluster is used
+    (no worker processes, so a script needs no ``if __name__ == "__main__"`` guard): one
+    worker with ``threads`` task threads (default :func:`default_task_threads`) sharing
+    one copy of the model, the trunk of each task using its share of the cores.
     """
     from distributed import Client, LocalCluster, default_client
 
@@ -204,18 +221,36 @@ def local_client(client: Any | None, threads: int | None = None) -> Iterator[Any
         yield client
         return
     with LocalCluster(
-        n_workers=1, threads_per_worker=threads or 1, processes=False, dashboard_address=":0"
+        n_workers=1, threads_per_worker=threads or default_task_threads(), processes=False,
+        dashboard_address=":0",
     ) as cluster, Client(cluster) as own:
         yield own
 
 
+_BLAS_PINNED = False
+
+
 def set_torch_threads() -> None:
-    """Give torch this task thread's share of the worker's cores (before a forward pass).
+    """Give torch this task thread's share of the worker's cores (before a forward pass),
+    and BLAS (numpy's matrix products) one thread, once per process.
 
     The budget is what :class:`TorchThreads` recorded on the worker, else
     ``cpu_count // worker threads``; outside a worker, all cores.
+
+    OpenBLAS rounds a product differently with 1 thread than with 2 (the PCA projection
+    of tile features moved by about 4e-5), and each task's product would run on however
+    many threads were free, so scores would depend on the cluster layout. With one BLAS
+    thread they do not; the products are a small part of a chunk's work (the nearest
+    memory search of a 1024^2 chunk took 0.12 s instead of 0.10 s).
     """
+    global _BLAS_PINNED
     import torch
+
+    if not _BLAS_PINNED:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
+        _BLAS_PINNED = True
 
     try:
         from distributed import get_worker
