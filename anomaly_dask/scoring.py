@@ -83,6 +83,34 @@ def _axis_window(
 
 
 @dataclass(frozen=True, eq=False)
+class ChunkFeatures:
+    """What the backbone gives for one chunk (:meth:`Extractor.chunk_features`).
+
+    Attributes
+    ----------
+    features : ndarray (r, c, D)
+        Features of the tiles covering the chunk's extent.
+    valid_fraction : ndarray (r, c) or None
+        Share of valid pixels per tile; None when the window holds no no-data.
+    raw : ndarray (h, w, channels)
+        The raw window read (see :meth:`Extractor.features`).
+    origin : (int, int)
+        Image position of ``raw[0, 0]``.
+    extent : (y0, y1, x0, x1)
+        The chunk plus :meth:`Extractor.edge_reach`, clipped to the image.
+    first_tile : (int, int)
+        Grid row and column of ``features[0, 0]``.
+    """
+
+    features: np.ndarray
+    valid_fraction: np.ndarray | None
+    raw: np.ndarray
+    origin: tuple[int, int]
+    extent: tuple[int, int, int, int]
+    first_tile: tuple[int, int]
+
+
+@dataclass(frozen=True, eq=False)
 class Extractor:
     """Backbone, feature configuration and intensity map: pixels of a unit to tile features.
 
@@ -175,8 +203,20 @@ class Extractor:
             return f
         return f[fraction.ravel() >= self.min_valid]
 
+    def chunk_features(self, unit: Unit) -> ChunkFeatures:
+        """The tile features :meth:`pixel_scores` needs for a unit's chunk (the backbone's
+        part of its work, which the dictionary does not enter)."""
+        g = unit.grid
+        w = unit.window
+        reach = self.edge_reach(g)
+        ext = (max(0, w.y0 - reach), min(g.height, w.y1 + reach), max(0, w.x0 - reach), min(g.width, w.x1 + reach))
+        rows, cols = tiles_covering(g, ext)
+        f, fraction, raw, origin = self.features(unit, rows, cols)
+        return ChunkFeatures(f, fraction, raw, origin, ext, (rows[0], cols[0]))
+
     def pixel_scores(
-        self, unit: Unit, dictionary: Dictionary, n_neighbors: int, calibrated: bool = True
+        self, unit: Unit, dictionary: Dictionary, n_neighbors: int, calibrated: bool = True,
+        features: ChunkFeatures | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
         """Pixel scores of a unit's chunk (NaN on no-data), its raw pixels, each pixel's
         distance to no-data and nearest centroid.
@@ -189,7 +229,8 @@ class Extractor:
         tiles mostly on data count. With ``calibrated`` and a calibrated dictionary, raw
         scores are then mapped through the dictionary's calibration (see
         :mod:`anomaly_dask.calibration`) by each pixel's nearest centroid and distance to
-        no-data.
+        no-data. ``features``, when given, are the unit's :meth:`chunk_features`
+        computed beforehand.
 
         Returns
         -------
@@ -204,13 +245,13 @@ class Extractor:
         w = unit.window
         g = unit.grid
         reach = self.edge_reach(g)
-        ext = (max(0, w.y0 - reach), min(g.height, w.y1 + reach), max(0, w.x0 - reach), min(g.width, w.x1 + reach))
-        rows, cols = tiles_covering(g, ext)
-        f, fraction, raw, (oy, ox) = self.features(unit, rows, cols)
+        cf = self.chunk_features(unit) if features is None else features
+        f, fraction, raw, (oy, ox), ext = cf.features, cf.valid_fraction, cf.raw, cf.origin, cf.extent
+        r0, c0 = cf.first_tile
         chunk_raw = raw[w.y0 - oy : w.y1 - oy, w.x0 - ox : w.x1 - ox]
         tiles, tile_labels = dictionary.score_and_label(f, n_neighbors)
-        iy = nearest_tiles(w.y0, w.y1, g.stride_h, g.tile_h, g.n_rows) - rows[0]
-        ix = nearest_tiles(w.x0, w.x1, g.stride_w, g.tile_w, g.n_cols) - cols[0]
+        iy = nearest_tiles(w.y0, w.y1, g.stride_h, g.tile_h, g.n_rows) - r0
+        ix = nearest_tiles(w.x0, w.x1, g.stride_w, g.tile_w, g.n_cols) - c0
         labels = tile_labels[np.ix_(iy, ix)]
         calibration = dictionary.calibration if calibrated else None
         if fraction is None:
@@ -218,12 +259,12 @@ class Extractor:
             # so it is computed (and calibrated) once per run of alike pixels
             ry = pixel_runs(w.y0, w.y1, g.stride_h, g.tile_h, g.n_rows)
             rx = pixel_runs(w.x0, w.x1, g.stride_w, g.tile_w, g.n_cols)
-            scores = tile_means(tiles, g, (rows[0], cols[0]), w.y0 + ry.first, w.x0 + rx.first)
+            scores = tile_means(tiles, g, cf.first_tile, w.y0 + ry.first, w.x0 + rx.first)
             if calibration is not None:
                 scores = calibration.apply(scores, tile_labels[np.ix_(iy[ry.first], ix[rx.first])], None)
             return expand_runs(scores, ry, rx), chunk_raw, None, labels
         full = fraction >= 1.0
-        origin = (rows[0], cols[0])
+        origin = cf.first_tile
         on_data = pixel_scores_from_tiles(tiles, g, origin, ext, full.astype(np.float64))
         covered = pixel_scores_from_tiles(full.astype(np.float32), g, origin, ext) > 0
         inner = (w.y0 - ext[0], w.y0 - ext[0] + w.shape[0], w.x0 - ext[2], w.x0 - ext[2] + w.shape[1])
@@ -289,11 +330,15 @@ def subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def pixel_sample(
-    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, step: int
+    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, step: int,
+    features: ChunkFeatures | None = None,
 ) -> np.ndarray:
     """Raw (uncalibrated) valid pixel scores of a unit on the image-wide lattice of every
-    ``step``-th row and column, as rows ``(score, distance to no-data, nearest centroid)``."""
-    scores, _, distance, labels = extractor.pixel_scores(unit, dictionary, n_neighbors, calibrated=False)
+    ``step``-th row and column, as rows ``(score, distance to no-data, nearest centroid)``
+    (``features``: the unit's :meth:`Extractor.chunk_features`, when computed already)."""
+    scores, _, distance, labels = extractor.pixel_scores(
+        unit, dictionary, n_neighbors, calibrated=False, features=features
+    )
     w = unit.window
     at = (slice((-w.y0) % step, None, step), slice((-w.x0) % step, None, step))  # image-wide lattice
     scores, labels = scores[at], labels[at]

@@ -74,3 +74,23 @@ def test_training_and_scores_equal_on_one_and_two_task_threads(scenes):
     assert t1 == t2
     assert np.isfinite(s1).any()
     np.testing.assert_array_equal(s1, s2)
+
+
+def test_calibration_sample_from_features_computed_ahead_equals_the_plain_one(scenes, session_client):
+    from anomaly_dask.compute import sample_pixel_scores, scatter
+    from anomaly_dask.compute.tasks import _chunk_features_task
+    from anomaly_dask.scoring import plan_units
+
+    ad = AnomalyDetector(weights=None, kmeans_clusters=8, kmeans_trials=2, random_state=0, chunk_size=128, verbose=0)
+    ad.train(scenes["train"], scenes["val"])
+    s = ad._settings()
+    source, grid = ad._open(scenes["val"], s)
+    units = plan_units(source, grid, 128)
+    assert len(units) > 3
+    ex, d = scatter(session_client, ad._extractor(s), ad.dictionary_)
+    plain = sample_pixel_scores(session_client, ex, d, units, 1, 4)
+    ahead = [session_client.submit(_chunk_features_task, ex, u, pure=False) for u in units[:3]]
+    early = sample_pixel_scores(session_client, ex, d, units, 1, 4, ahead=ahead)
+    assert len(plain[0]) > 1000
+    for a, b in zip(plain, early):
+        np.testing.assert_array_equal(a, b)

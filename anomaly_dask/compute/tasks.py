@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -21,7 +22,16 @@ import numpy as np
 from ..dictionary import Dictionary, coreset, fit_projection, init_kmeans
 from ..grid import TileGrid, chunk_windows
 from ..io import ImageSource
-from ..scoring import Extractor, Rendering, Unit, pixel_sample, redraw_chunk, render_chunk, subsample
+from ..scoring import (
+    ChunkFeatures,
+    Extractor,
+    Rendering,
+    Unit,
+    pixel_sample,
+    redraw_chunk,
+    render_chunk,
+    subsample,
+)
 from .cluster import local_client, set_torch_threads
 
 __all__ = [
@@ -119,7 +129,11 @@ def fit_model(
 
     The backbone runs once over the training chunks and once over the validation chunks.
     The extractor is sent to the workers once, and the dictionary once, complete, for the
-    calibration sample. Nothing sent is changed afterwards.
+    calibration sample. Nothing sent is changed afterwards. While this process fits the
+    dictionary, the workers compute the backbone features of the first validation chunks
+    (as many as are kept in flight, submitted after the last training chunk and at a lower
+    priority), which do not depend on it; the calibration pass then scores them without running the
+    backbone again.
 
     Parameters
     ----------
@@ -147,9 +161,17 @@ def fit_model(
     """
     with local_client(client) as c:
         (ex,) = scatter(c, extractor)
-        dictionary = train_dictionary(c, ex, train_units, progress=progress, **fit)
+        ahead: list[Any] = []
+
+        def prefetch() -> None:
+            ahead.extend(
+                c.submit(_chunk_features_task, ex, u, pure=False, priority=-1)
+                for u in val_units[: _in_flight(c)]
+            )
+
+        dictionary = train_dictionary(c, ex, train_units, progress=progress, submitted=prefetch, **fit)
         (d,) = scatter(c, dictionary)
-        sample = sample_pixel_scores(c, ex, d, val_units, n_neighbors, calibration_step, progress)
+        sample = sample_pixel_scores(c, ex, d, val_units, n_neighbors, calibration_step, progress, ahead)
     return dictionary, sample
 
 
@@ -158,11 +180,17 @@ def _sample_task(extractor: Extractor, unit: Unit, n: int, seed: int) -> np.ndar
     return subsample(extractor.owned(unit), n, seed)
 
 
+def _chunk_features_task(extractor: Extractor, unit: Unit) -> ChunkFeatures:
+    set_torch_threads()
+    return extractor.chunk_features(unit)
+
+
 def _pixel_sample_task(
-    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, step: int
+    extractor: Extractor, dictionary: Dictionary, unit: Unit, n_neighbors: int, step: int,
+    features: ChunkFeatures | None = None,
 ) -> np.ndarray:
     set_torch_threads()
-    return pixel_sample(extractor, dictionary, unit, n_neighbors, step)
+    return pixel_sample(extractor, dictionary, unit, n_neighbors, step, features)
 
 
 def _pixel_score_task(
@@ -288,6 +316,7 @@ def train_dictionary(
     memory_size: int = 0,
     batch_size: int = 4096,
     progress: Progress | None = None,
+    submitted: Callable[[], None] | None = None,
 ) -> Dictionary:
     """Fit PCA, scaler and MiniBatchKMeans on the tiles of ``units`` in one backbone pass.
 
@@ -317,6 +346,9 @@ def train_dictionary(
         Rows per ``partial_fit`` call.
     progress : callable, optional
         Told of the ``"sample"`` and ``"fit"`` steps (see :func:`fit_model`).
+    submitted : callable, optional
+        Called once every training chunk's task has been submitted (to queue work for
+        the workers behind them while this process fits).
     """
     rng = np.random.default_rng(random_state)
     order = [units[i] for i in rng.permutation(len(units))]
@@ -331,17 +363,26 @@ def train_dictionary(
     # training sets that fit the sample stay as they were; only the first is used
     seeds = rng.integers(0, 2**31, size=(len(order), 2))
     jobs = [(extractor, u, int(shares[i]), int(seeds[i, 0])) for i, u in enumerate(order)]
-    stream = _stream(client, _sample_task, jobs, _in_flight(client), ordered=True)
+
+    def all_jobs() -> Iterator[tuple]:
+        yield from jobs
+        if submitted is not None:
+            submitted()
+
+    stream = _stream(client, _sample_task, all_jobs(), _in_flight(client), ordered=True)
     sample_parts = list(_counted(stream, progress, "sample", len(jobs)))
     sample = np.concatenate(sample_parts)
     log.info("fitting PCA on %d tile features of dimension %d", *sample.shape)
     dictionary = fit_projection(sample, pca_variance, random_state)
     projected = dictionary.transform(sample)
     log.info("PCA keeps %d components; seeding k-means (k=%d)", projected.shape[1], n_clusters)
-    mbk = init_kmeans(projected, n_clusters, n_init, random_state, batch_size)
-    if memory_size:
-        dictionary = dataclasses.replace(dictionary, memory=coreset(projected, memory_size, random_state))
-        log.info("coreset memory of %d of %d sampled tiles", len(dictionary.memory), len(projected))
+    with ThreadPoolExecutor(1) as pool:
+        # the coreset does not depend on the k-means: chosen on a second core meanwhile
+        memory = pool.submit(coreset, projected, memory_size, random_state) if memory_size else None
+        mbk = init_kmeans(projected, n_clusters, n_init, random_state, batch_size)
+        if memory is not None:
+            dictionary = dataclasses.replace(dictionary, memory=memory.result())
+            log.info("coreset memory of %d of %d sampled tiles", len(dictionary.memory), len(projected))
     del sample, projected
     parts: Iterable[np.ndarray] = (dictionary.transform(p) for p in sample_parts)
     for z in _counted(parts, progress, "fit", len(sample_parts)):
@@ -354,11 +395,13 @@ def train_dictionary(
 
 def sample_pixel_scores(
     client: Any, extractor: Any, dictionary: Any, units: list[Unit], n_neighbors: int, step: int,
-    progress: Progress | None = None,
+    progress: Progress | None = None, ahead: list[Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The units' valid raw pixel scores on a lattice of every ``step``-th row and column.
 
     ``progress("calibrate", done, len(units))`` is called as chunks finish (see :func:`fit_model`).
+    ``ahead`` holds futures of the :meth:`~anomaly_dask.scoring.Extractor.chunk_features`
+    of the first units, submitted earlier; each is released once its unit is scored.
 
     Returns
     -------
@@ -369,9 +412,17 @@ def sample_pixel_scores(
     labels : ndarray of int
         Each pixel's nearest centroid (see :meth:`Extractor.pixel_scores`).
     """
-    jobs = [(extractor, dictionary, u, n_neighbors, step) for u in units]
-    stream = _stream(client, _pixel_sample_task, jobs, _in_flight(client), ordered=True)
-    both = np.concatenate(list(_counted(stream, progress, "calibrate", len(jobs))))
+    ahead = list(ahead or [])
+
+    def jobs() -> Iterator[tuple]:
+        for k, u in enumerate(units):
+            features = ahead[k] if k < len(ahead) else None
+            if k < len(ahead):
+                ahead[k] = None  # the task holds the future now; it is released with it
+            yield (extractor, dictionary, u, n_neighbors, step, features)
+
+    stream = _stream(client, _pixel_sample_task, jobs(), _in_flight(client), ordered=True)
+    both = np.concatenate(list(_counted(stream, progress, "calibrate", len(units))))
     return both[:, 0], both[:, 1], both[:, 2].astype(np.int64)
 
 
