@@ -1,6 +1,7 @@
-"""Scores do not depend on how many task threads share a worker (the cluster layout):
-the input magnification rounds alike whatever torch's thread count, and a model trained
-and scored on 1 or 2 task threads gives the same arrays, bit for bit."""
+"""Scores do not depend on how many task threads share a worker, at the same cores per
+task: the input magnification rounds alike whatever torch's thread count, and a model
+trained and scored on 1 or 2 task threads of 1 core each gives the same arrays, bit for
+bit."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from distributed import Client, LocalCluster
 
 from anomaly_dask import AnomalyDetector
 from anomaly_dask.backbones import build_backbone, fold_batchnorm
+from anomaly_dask.compute import TorchThreads
 from anomaly_dask.datasets import SonarScene, write_tiff
 from anomaly_dask.features import dense_tile_features, magnify
 from anomaly_dask.grid import TileGrid
@@ -63,6 +65,7 @@ def test_training_and_scores_equal_on_one_and_two_task_threads(scenes):
     for threads in (1, 2):
         with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=":0") as c:
             with Client(c) as client:
+                client.register_plugin(TorchThreads(1), name=TorchThreads.name)  # 1 core per task
                 ad = AnomalyDetector(weights=None, kmeans_clusters=8, kmeans_trials=2, random_state=0,
                                      chunk_size=128, verbose=0, client=client)
                 ad.train(scenes["train"], scenes["val"])

@@ -227,30 +227,27 @@ def local_client(client: Any | None, threads: int | None = None) -> Iterator[Any
         yield own
 
 
-_BLAS_PINNED = False
+#: BLAS threads last set by :func:`set_torch_threads` in this process (None: never).
+_BLAS_THREADS: int | None = None
 
 
 def set_torch_threads() -> None:
-    """Give torch this task thread's share of the worker's cores (before a forward pass),
-    and BLAS (numpy's matrix products) one thread, once per process.
+    """Give torch, and BLAS (numpy's matrix products), this task thread's share of the
+    worker's cores (before a chunk's work).
 
     The budget is what :class:`TorchThreads` recorded on the worker, else
     ``cpu_count // worker threads``; outside a worker, all cores.
 
-    OpenBLAS rounds a product differently with 1 thread than with 2 (the PCA projection
-    of tile features moved by about 4e-5), and each task's product would run on however
-    many threads were free, so scores would depend on the cluster layout. With one BLAS
-    thread they do not; the products are a small part of a chunk's work (the nearest
-    memory search of a 1024^2 chunk took 0.12 s instead of 0.10 s).
+    BLAS gets the budget explicitly, not whatever threads are free: OpenBLAS rounds a
+    product differently with 1 thread than with 2 (the PCA projection of tile features
+    moved by about 4e-5), so scores would otherwise depend on how many tasks happen to
+    run at once. With it, a model gives the same scores on any layout with the same
+    budget per task (tested with 1 and 2 task threads at 1 core each). Its thread count
+    is one setting per process, which all task threads of a worker share; they have the
+    same budget.
     """
-    global _BLAS_PINNED
+    global _BLAS_THREADS
     import torch
-
-    if not _BLAS_PINNED:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1, user_api="blas")
-        _BLAS_PINNED = True
 
     try:
         from distributed import get_worker
@@ -263,6 +260,11 @@ def set_torch_threads() -> None:
     want = budget or max(1, (os.cpu_count() or 1) // max(1, nthreads))
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
+    if _BLAS_THREADS != want:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(want, user_api="blas")
+        _BLAS_THREADS = want
 
 
 def performance_report(filename: str) -> Any:
