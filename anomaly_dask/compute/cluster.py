@@ -193,8 +193,8 @@ def default_task_threads(workers: int = 1) -> int:
 
     Two chunks in flight let one task read, pool and score while the other runs the
     trunk, each task's trunk getting half the cores (:func:`set_torch_threads`). On 2
-    cores, 16 chunks of a 4096^2 mosaic were scored 1.18x faster than by 1 task thread
-    using both cores, for 11 % more peak memory (``jobs/bench_speed.py``).
+    cores, 16 chunks of a 4096^2 mosaic were scored 1.18-1.43x faster (two runs) than by
+    1 task thread using both cores, for 11-14 % more peak memory (``jobs/bench_speed.py``).
     """
     return max(1, min(2, (os.cpu_count() or 1) // max(1, workers)))
 
