@@ -294,36 +294,60 @@ def coreset(
     return np.ascontiguousarray(projected[np.sort(chosen)], dtype=np.float32)
 
 
-def fit_projection(sample: np.ndarray, variance: float, random_state: int | None) -> Dictionary:
+def fit_projection(sample: np.ndarray, variance: float, random_state: int | None = None) -> Dictionary:
     """Fit PCA (keeping ``variance`` of the variance) and a scaler on a feature sample.
+
+    The components are the leading eigenvectors of the sample's covariance, accumulated
+    in float64 over blocks of rows (one ``D x D`` product per block, no decomposition of
+    the ``n x D`` sample), each signed so that its largest entry is positive.
 
     Parameters
     ----------
     sample : ndarray (n, D)
         Tile features, a bounded random sample of the training set.
     variance : float
-        Fraction of variance kept, in (0, 1]; 1 keeps every component.
+        Fraction of variance kept, in (0, 1]; 1 keeps every component. The fewest
+        leading components whose share of the variance reaches it are kept.
     random_state : int or None
-        Seed of the randomised solver.
+        Unused (the fit is deterministic); kept for the callers' signature.
     """
-    from sklearn.decomposition import PCA  # training only: scoring never imports scikit-learn
-
     n, dim = sample.shape
     if n < 2:
         raise ParameterError(
             "training data gave fewer than 2 tiles; use larger or more images, or a smaller tile"
         )
-    n_comp = min(n, dim) if variance >= 1.0 else variance
-    pca = PCA(n_components=n_comp, svd_solver="full", random_state=random_state).fit(sample)
-    z = pca.transform(sample)
+    mean = sample.mean(axis=0, dtype=np.float64)
+    cov = np.zeros((dim, dim), dtype=np.float64)
+    for k in range(0, n, _PCA_BLOCK):
+        xb = sample[k : k + _PCA_BLOCK].astype(np.float64) - mean
+        cov += xb.T @ xb
+    cov /= n - 1
+    values, vectors = np.linalg.eigh(cov)
+    values, vectors = np.maximum(values[::-1], 0.0), vectors[:, ::-1].T  # largest first, one per row
+    rank = min(n, dim)
+    if variance >= 1.0:
+        keep = rank
+    else:
+        share = np.cumsum(values) / max(float(values.sum()), 1e-300)
+        keep = min(rank, int(np.searchsorted(share, variance, side="right")) + 1)
+    components = vectors[:keep]
+    lead = np.abs(components).argmax(axis=1)
+    components = components * np.sign(components[np.arange(keep), lead])[:, None]
+    z = np.empty((n, keep), dtype=np.float64)
+    for k in range(0, n, _PCA_BLOCK):
+        z[k : k + _PCA_BLOCK] = (sample[k : k + _PCA_BLOCK].astype(np.float64) - mean) @ components.T
     scale = z.std(axis=0)
     scale[scale < 1e-12] = 1.0
     return Dictionary(
-        pca_mean=pca.mean_.astype(np.float32),
-        pca_components=pca.components_.astype(np.float32),
+        pca_mean=mean.astype(np.float32),
+        pca_components=components.astype(np.float32),
         scaler_mean=z.mean(axis=0).astype(np.float32),
         scaler_scale=scale.astype(np.float32),
     )
+
+
+#: Rows per block of the covariance and projection in :func:`fit_projection`.
+_PCA_BLOCK = 8192
 
 
 #: Rows of the projected sample the seeding k-means restarts run on, at least and per

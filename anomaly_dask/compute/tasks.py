@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -376,8 +377,9 @@ def train_dictionary(
     dictionary = fit_projection(sample, pca_variance, random_state)
     projected = dictionary.transform(sample)
     log.info("PCA keeps %d components; seeding k-means (k=%d)", projected.shape[1], n_clusters)
-    with ThreadPoolExecutor(1) as pool:
-        # the coreset does not depend on the k-means: chosen on a second core meanwhile
+    with ThreadPoolExecutor(1) as pool, _openmp_threads(_half_cores() if memory_size else None):
+        # the coreset does not depend on the k-means: chosen in a second thread meanwhile, the
+        # k-means on half the cores (its OpenMP threads would otherwise contend with it)
         memory = pool.submit(coreset, projected, memory_size, random_state) if memory_size else None
         mbk = init_kmeans(projected, n_clusters, n_init, random_state, batch_size)
         if memory is not None:
@@ -391,6 +393,21 @@ def train_dictionary(
             if len(batch) >= mbk.n_clusters:
                 mbk.partial_fit(batch)
     return dataclasses.replace(dictionary, centroids=mbk.cluster_centers_.astype(np.float32))
+
+
+def _half_cores() -> int:
+    """Half this process's cores (at least 1): each of two fits run side by side gets one half."""
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+def _openmp_threads(n: int | None) -> contextlib.AbstractContextManager[Any]:
+    """OpenMP parallel regions started from this thread use at most ``n`` threads inside
+    the block (no limit with None)."""
+    if n is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(n, user_api="openmp")
 
 
 def sample_pixel_scores(
